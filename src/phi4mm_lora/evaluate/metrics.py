@@ -1,0 +1,334 @@
+"""The paper's metrics, computed from saved prediction records.
+
+Everything here works on plain Python data so a results.json can be recomputed from the
+saved predictions without the model. Library choices are deliberate: Pearson's r and its
+p-value come from ``scipy.stats.pearsonr`` and WER/PER/CER from ``jiwer``, so numbers equal
+what anyone else computing "the same metric" with those libraries gets; BLEU from
+``sacrebleu`` with the tokenizer that suits the target language.
+
+Prediction record (one per utterance and task; the evaluate command writes these as
+predictions.jsonl)::
+
+    {
+      "id": "000010011",               # utterance id (same id for its apa and mdd records)
+      "task": "apa" | "mdd" | <manifest task name>,
+      "raw": "<model answer as generated>",
+      "parsed": {...} | None,          # parse_for_task(task, raw).value; None = unparseable
+      "reference": {...},              # apa: accuracy/fluency/prosodic/total ints
+                                       # mdd: word_transcript, phoneme_transcript (annotated)
+                                       #      (+ optional "accuracy" for the PER plot)
+                                       # other: {"text": target text}
+      "canonical_phones": "DH AH ...", # mdd only (str or list)
+      "annotated_phones": "DH AH ...", # mdd only; defaults to reference phoneme_transcript
+      "language": "en"                 # manifest tasks: target language code (CER/BLEU)
+    }
+
+Unparseable answers: APA ones are excluded from PCC (``n`` says how many were scored);
+MDD ones are scored as an **empty** transcript (all deletions for WER/PER, all phones
+rejected for MDD), because excluding them would reward a model for failing to answer;
+manifest ones likewise score as empty text. All are counted and listed per task.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+import warnings
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import jiwer
+from scipy import stats
+
+from phi4mm_lora.evaluate.mdd import mdd_scores, normalize_phones
+from phi4mm_lora.evaluate.parse import APA_KEYS, parse_for_task
+
+#: Languages scored by characters (no word spaces) instead of words.
+CHAR_LANGUAGES: frozenset[str] = frozenset({"zh", "ja", "ko", "th", "yue", "cmn"})
+
+#: Paper column order for the summary block.
+SUMMARY_KEYS: tuple[str, ...] = (
+    "acc_pcc",
+    "flu_pcc",
+    "pros_pcc",
+    "total_pcc",
+    "wer",
+    "per",
+    "f1",
+    "precision",
+    "recall",
+)
+_APA_SHORT = {"accuracy": "acc", "fluency": "flu", "prosodic": "pros", "total": "total"}
+
+
+# ----------------------------------------------------------------------------- PCC
+
+
+def pcc(pred: Sequence[float], ref: Sequence[float]) -> dict[str, Any]:
+    """Pearson's r with its two-sided p-value and n; NaN with a note where undefined."""
+    n = len(pred)
+    if n != len(ref):
+        raise ValueError(f"pcc: {n} predictions vs {len(ref)} references")
+    if n < 2:
+        return {"pcc": math.nan, "p_value": math.nan, "n": n, "note": f"n={n}: need at least 2 pairs"}
+    if len(set(pred)) == 1 or len(set(ref)) == 1:
+        which = "predictions" if len(set(pred)) == 1 else "references"
+        return {"pcc": math.nan, "p_value": math.nan, "n": n, "note": f"constant {which}: r undefined"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.pearsonr([float(x) for x in pred], [float(x) for x in ref])
+    return {"pcc": float(res.statistic), "p_value": float(res.pvalue), "n": n}
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def normalize_text(text: str | None) -> str:
+    """Lower-case, punctuation removed (apostrophes inside words kept), spaces collapsed."""
+    if not text:
+        return ""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s']", " ", text)
+    words = [w.strip("'") for w in text.split()]
+    return " ".join(w for w in words if w)
+
+
+def _error_rate(refs: Sequence[str], hyps: Sequence[str], unit: str) -> dict[str, Any]:
+    """(S+D+I)/N via jiwer over already-normalised, space-separated token strings."""
+    n_ref = sum(len(r.split()) for r in refs)
+    if not refs or n_ref == 0:
+        return {unit: math.nan, "n": len(refs), "n_ref_tokens": n_ref, "note": "no reference tokens"}
+    out = jiwer.process_words(list(refs), list(hyps))
+    return {
+        unit: float(out.wer),
+        "n": len(refs),
+        "n_ref_tokens": n_ref,
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions,
+        "hits": out.hits,
+    }
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str | None]) -> dict[str, Any]:
+    """Corpus WER: errors summed over utterances / reference words (``None`` hyp = empty)."""
+    return _error_rate([normalize_text(r) for r in refs], [normalize_text(h) for h in hyps], "wer")
+
+
+def per(refs: Sequence[Any], hyps: Sequence[Any]) -> dict[str, Any]:
+    """Corpus PER over ARPAbet tokens (stress stripped, upper-cased; ``None`` hyp = empty)."""
+    return _error_rate(
+        [" ".join(normalize_phones(r)) for r in refs], [" ".join(normalize_phones(h)) for h in hyps], "per"
+    )
+
+
+def utterance_per(ref: Any, hyp: Any) -> float:
+    """PER of one utterance (for the PER-vs-accuracy plot); NaN for an empty reference."""
+    r = " ".join(normalize_phones(ref))
+    if not r:
+        return math.nan
+    return float(jiwer.wer(r, " ".join(normalize_phones(hyp))))
+
+
+def _char_string(text: str | None) -> str:
+    """Characters as space-separated tokens (whitespace dropped) for CER."""
+    return " ".join(c for c in normalize_text(text) if not c.isspace())
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str | None]) -> dict[str, Any]:
+    """Corpus CER over characters without spaces (CJK and other unspaced scripts).
+
+    Characters are fed to jiwer as tokens so the result equals ``jiwer.cer`` on the
+    space-free strings.
+    """
+    return _error_rate([_char_string(r) for r in refs], [_char_string(h) for h in hyps], "cer")
+
+
+@lru_cache(maxsize=None)
+def bleu_tokenizer(language: str | None) -> str:
+    """sacrebleu tokenizer for a target language.
+
+    zh -> 'zh'; ja/ko -> 'ja-mecab'/'ko-mecab' when their optional packages are installed
+    (``pip install sacrebleu[ja]`` / ``[ko]``), else 'char' (character BLEU; needs nothing
+    extra); everything else -> the standard '13a'.
+    """
+    lang = (language or "").lower().split("-")[0].split("_")[0]
+    if lang in ("zh", "cmn", "yue"):
+        return "zh"
+    if lang in ("ja", "ko"):
+        import sacrebleu
+
+        name = f"{lang}-mecab"
+        try:
+            sacrebleu.BLEU(tokenize=name).corpus_score(["a"], [["a"]])
+            return name
+        except Exception:  # missing mecab extras raise RuntimeError/ImportError
+            return "char"
+    if lang in ("th",):
+        return "char"
+    return "13a"
+
+
+def bleu(refs: Sequence[str], hyps: Sequence[str | None], language: str | None) -> dict[str, Any]:
+    """Corpus BLEU (0-100) with sacrebleu; the tokenizer used is reported."""
+    import sacrebleu
+
+    tok = bleu_tokenizer(language)
+    if not refs:
+        return {"bleu": math.nan, "tokenizer": tok, "n": 0}
+    score = sacrebleu.BLEU(tokenize=tok).corpus_score([h or "" for h in hyps], [list(refs)])
+    return {"bleu": float(score.score), "tokenizer": tok, "n": len(refs)}
+
+
+def exact_match(refs: Sequence[str], hyps: Sequence[str | None]) -> dict[str, Any]:
+    """Share of answers equal to the reference after :func:`normalize_text`."""
+    if not refs:
+        return {"exact_match": math.nan, "n": 0}
+    hits = sum(normalize_text(r) == normalize_text(h) for r, h in zip(refs, hyps, strict=True))
+    return {"exact_match": hits / len(refs), "n": len(refs)}
+
+
+# ----------------------------------------------------------------------------- per task
+
+
+def apa_metrics(preds: Sequence[dict[str, Any] | None], refs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """PCC per aspect over the parsed answers; ``None`` (unparseable) ones are excluded."""
+    pairs = [(p, r) for p, r in zip(preds, refs, strict=True) if p is not None]
+    out: dict[str, Any] = {}
+    for key in APA_KEYS:
+        usable = [(p[key], r[key]) for p, r in pairs if key in p and r.get(key) is not None]
+        out[key] = pcc([u[0] for u in usable], [u[1] for u in usable])
+    out["n_total"] = len(refs)
+    out["n_parsed"] = len(pairs)
+    return out
+
+
+def mdd_metrics(
+    preds: Sequence[dict[str, Any] | None],
+    refs: Sequence[dict[str, Any]],
+    canonical: Sequence[Any] | None = None,
+    annotated: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """WER, PER and (with canonical phones) MDD precision/recall/F1.
+
+    ``None`` predictions are empty transcripts. ``annotated`` defaults to the references'
+    phoneme transcripts. Utterances without canonical phones are left out of MDD only.
+    """
+    hyp_words = [p.get("word_transcript", "") if p else "" for p in preds]
+    hyp_phones = [p.get("phoneme_transcript", "") if p else "" for p in preds]
+    out: dict[str, Any] = {
+        "wer": wer([r.get("word_transcript", "") for r in refs], hyp_words),
+        "per": per([r.get("phoneme_transcript", "") for r in refs], hyp_phones),
+    }
+    if annotated is None:
+        annotated = [r.get("phoneme_transcript", "") for r in refs]
+    if canonical is not None:
+        triples = [
+            (c, a, h) for c, a, h in zip(canonical, annotated, hyp_phones, strict=True) if c is not None
+        ]
+        out["mdd"] = mdd_scores(triples)
+    out["n_total"] = len(refs)
+    out["n_parsed"] = sum(p is not None for p in preds)
+    return out
+
+
+def manifest_metrics(
+    preds: Sequence[str | None], refs: Sequence[str], language: str | None = None
+) -> dict[str, Any]:
+    """Free-text task: WER (or CER for unspaced scripts), BLEU and exact match."""
+    lang = (language or "").lower().split("-")[0]
+    out: dict[str, Any] = {"language": language}
+    if lang in CHAR_LANGUAGES:
+        out["cer"] = cer(refs, preds)
+    else:
+        out["wer"] = wer(refs, preds)
+    out["bleu"] = bleu(refs, preds, language)
+    out["exact_match"] = exact_match(refs, preds)
+    out["n_total"] = len(refs)
+    out["n_parsed"] = sum(p is not None for p in preds)
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def parsed_value(record: dict[str, Any], reparse: bool = False) -> dict[str, Any] | None:
+    """The record's parsed answer; parsed from ``raw`` when absent or when ``reparse``."""
+    if not reparse and "parsed" in record:
+        return record["parsed"]
+    res = parse_for_task(record["task"], record.get("raw", ""))
+    return res.value if res.ok else None
+
+
+def _failures(records: Sequence[dict[str, Any]], values: Sequence[Any]) -> dict[str, Any]:
+    items = []
+    for rec, val in zip(records, values, strict=True):
+        if val is None:
+            err = parse_for_task(rec["task"], rec.get("raw", "")).error if isinstance(rec.get("raw"), str) else None
+            items.append({"id": rec.get("id"), "raw": rec.get("raw"), "error": err})
+    return {"count": len(items), "total": len(records), "items": items}
+
+
+def _clean(x: Any) -> Any:
+    """NaN -> None recursively, so results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def group_by_task(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(str(rec["task"]), []).append(rec)
+    return groups
+
+
+def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dict[str, Any]:
+    """All metrics from saved prediction records (format in the module docstring).
+
+    Returns ``{"summary": {paper columns}, "apa": ..., "mdd": ..., "<task>": ...,
+    "parse_failures": {task: {"count", "total", "items": [{id, raw, error}]}}}`` with NaN
+    written as ``None``.
+    """
+    groups = group_by_task(records)
+    results: dict[str, Any] = {"summary": dict.fromkeys(SUMMARY_KEYS)}
+    failures: dict[str, Any] = {}
+    for task, recs in groups.items():
+        values = [parsed_value(r, reparse) for r in recs]
+        failures[task] = _failures(recs, values)
+        refs = [r.get("reference") or {} for r in recs]
+        if task == "apa":
+            results["apa"] = apa_metrics(values, refs)
+        elif task == "mdd":
+            canonical = [r.get("canonical_phones") for r in recs]
+            annotated = [
+                r.get("annotated_phones") or (r.get("reference") or {}).get("phoneme_transcript", "")
+                for r in recs
+            ]
+            has_canonical = any(c is not None for c in canonical)
+            results["mdd"] = mdd_metrics(values, refs, canonical if has_canonical else None, annotated)
+        else:
+            langs = sorted({str(r.get("language") or "") for r in recs})
+            lang = langs[0] or None if len(langs) == 1 else None
+            texts = [v.get("text") if v else None for v in values]
+            results[task] = manifest_metrics(texts, [ref.get("text", "") for ref in refs], lang)
+            if len(langs) > 1:
+                results[task]["note"] = f"mixed languages {langs}: word WER and BLEU tokenizer 13a"
+    summary = results["summary"]
+    if "apa" in results:
+        for key, short in _APA_SHORT.items():
+            summary[f"{short}_pcc"] = results["apa"][key]["pcc"]
+    if "mdd" in results:
+        summary["wer"] = results["mdd"]["wer"]["wer"]
+        summary["per"] = results["mdd"]["per"]["per"]
+        if "mdd" in results["mdd"]:
+            for k in ("f1", "precision", "recall"):
+                summary[k] = results["mdd"]["mdd"][k]
+    results["parse_failures"] = failures
+    return _clean(results)
