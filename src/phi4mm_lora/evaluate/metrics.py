@@ -36,7 +36,7 @@ import re
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import jiwer
@@ -146,7 +146,7 @@ def cer(refs: Sequence[str], hyps: Sequence[str | None]) -> dict[str, Any]:
     return _error_rate([_char_string(r) for r in refs], [_char_string(h) for h in hyps], "cer")
 
 
-@lru_cache(maxsize=None)
+@cache
 def bleu_tokenizer(language: str | None) -> str:
     """sacrebleu tokenizer for a target language.
 
@@ -266,7 +266,11 @@ def _failures(records: Sequence[dict[str, Any]], values: Sequence[Any]) -> dict[
     items = []
     for rec, val in zip(records, values, strict=True):
         if val is None:
-            err = parse_for_task(rec["task"], rec.get("raw", "")).error if isinstance(rec.get("raw"), str) else None
+            err = (
+                parse_for_task(rec["task"], rec.get("raw", "")).error
+                if isinstance(rec.get("raw"), str)
+                else None
+            )
             items.append({"id": rec.get("id"), "raw": rec.get("raw"), "error": err})
     return {"count": len(items), "total": len(records), "items": items}
 
@@ -292,9 +296,10 @@ def group_by_task(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str,
 def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dict[str, Any]:
     """All metrics from saved prediction records (format in the module docstring).
 
-    Returns ``{"summary": {paper columns}, "apa": ..., "mdd": ..., "<task>": ...,
-    "parse_failures": {task: {"count", "total", "items": [{id, raw, error}]}}}`` with NaN
-    written as ``None``.
+    Returns ``{"summary": {paper key: value}, "columns": [{key, column, value, p_value, n}]
+    in Table 3 order, "parse_failure_counts": {task: n}, "apa": ..., "mdd": ...,
+    "<task>": ..., "parse_failures": {task: {"count", "total", "items": [{id, raw,
+    error}]}}}`` with NaN written as ``None``.
     """
     groups = group_by_task(records)
     results: dict[str, Any] = {"summary": dict.fromkeys(SUMMARY_KEYS)}
@@ -330,5 +335,45 @@ def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dic
         if "mdd" in results["mdd"]:
             for k in ("f1", "precision", "recall"):
                 summary[k] = results["mdd"]["mdd"][k]
-    results["parse_failures"] = failures
-    return _clean(results)
+    ordered: dict[str, Any] = {
+        "summary": summary,
+        "columns": _columns(results),
+        "parse_failure_counts": {t: f["count"] for t, f in failures.items()},
+    }
+    ordered.update((k, v) for k, v in results.items() if k != "summary")
+    ordered["parse_failures"] = failures
+    return _clean(ordered)
+
+
+#: Display names of the summary keys, in the paper's Table 3 order.
+COLUMN_NAMES: dict[str, str] = {
+    "acc_pcc": "Acc PCC",
+    "flu_pcc": "Flu PCC",
+    "pros_pcc": "Pros PCC",
+    "total_pcc": "Total PCC",
+    "wer": "WER",
+    "per": "PER",
+    "f1": "F1",
+    "precision": "P",
+    "recall": "R",
+}
+
+
+def _columns(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table 3 columns with value, p-value (PCC only) and n (utterances scored)."""
+    rows = []
+    apa, mdd = results.get("apa"), results.get("mdd")
+    for key in SUMMARY_KEYS:
+        row: dict[str, Any] = {"key": key, "column": COLUMN_NAMES[key], "value": results["summary"][key]}
+        if key.endswith("_pcc"):
+            aspect = next(a for a, s in _APA_SHORT.items() if f"{s}_pcc" == key)
+            row["p_value"] = apa[aspect]["p_value"] if apa else None
+            row["n"] = apa[aspect]["n"] if apa else 0
+            if apa and apa[aspect].get("note"):
+                row["note"] = apa[aspect]["note"]
+        elif key in ("wer", "per"):
+            row["n"] = mdd[key]["n"] if mdd else 0
+        else:
+            row["n"] = mdd["mdd"]["n_utterances"] if mdd and "mdd" in mdd else 0
+        rows.append(row)
+    return rows

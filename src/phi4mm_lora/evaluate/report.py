@@ -1,0 +1,399 @@
+"""Write what an evaluation found: results.json, report.md with plots, a terminal table.
+
+The markdown report is meant to be read next to the paper: it uses Table 3's columns in
+Table 3's order and shows the paper's LoRA epoch-3 row as a reference column, and it lists
+the answers that could not be parsed (so a low score caused by format failures is visible).
+Given a second run (e.g. before training) it puts both side by side with deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from phi4mm_lora.evaluate.metrics import (
+    COLUMN_NAMES,
+    SUMMARY_KEYS,
+    parsed_value,
+    pcc,
+    utterance_per,
+)
+from phi4mm_lora.evaluate.parse import APA_KEYS
+
+#: Ahn & Nam 2025 (arXiv 2509.02915), Table 3, "LoRA, epoch 3" on the Speechocean762 test set.
+PAPER_REFERENCE: dict[str, float] = {
+    "acc_pcc": 0.656,
+    "flu_pcc": 0.727,
+    "pros_pcc": 0.711,
+    "total_pcc": 0.675,
+    "wer": 0.140,
+    "per": 0.114,
+    "f1": 0.724,
+    "precision": 0.728,
+    "recall": 0.721,
+}
+PAPER_REFERENCE_NAME = "paper (LoRA ep. 3)"
+
+#: Metrics where a smaller value is better (for the direction of deltas).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"wer", "per", "cer"})
+
+_MAX_LISTED_FAILURES = 20
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _fmt_p(p: Any) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def delta(key: str, new: float | None, old: float | None) -> tuple[float | None, str]:
+    """``new - old`` and a mark: '+' better, '-' worse, '=' same, '' when undefined."""
+    if new is None or old is None:
+        return None, ""
+    d = new - old
+    if abs(d) < 1e-12:
+        return 0.0, "="
+    better = d < 0 if key in LOWER_IS_BETTER else d > 0
+    return d, "+" if better else "-"
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    return results.get("summary") or {}
+
+
+def _n_by_key(results: dict[str, Any]) -> dict[str, Any]:
+    return {c["key"]: c for c in results.get("columns") or []}
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plot_apa(predictions: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """2x2 scatter of predicted vs human score per aspect; integer points jittered."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairs = [(parsed_value(r), r.get("reference") or {}) for r in predictions if r.get("task") == "apa"]
+    pairs = [(p, h) for p, h in pairs if p is not None]
+    if not pairs:
+        return False
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8.5), constrained_layout=True)
+    for ax, key in zip(axes.flat, APA_KEYS, strict=True):
+        pts = [(h[key], p[key]) for p, h in pairs if h.get(key) is not None and key in p]
+        human = np.array([x for x, _ in pts], dtype=float)
+        pred = np.array([y for _, y in pts], dtype=float)
+        jx = human + rng.uniform(-0.2, 0.2, len(human))
+        jy = pred + rng.uniform(-0.2, 0.2, len(pred))
+        ax.scatter(jx, jy, s=12, alpha=0.45, color="tab:blue", edgecolors="none")
+        ax.plot([0, 10], [0, 10], color="grey", lw=1, ls="--", label="y = x")
+        r = pcc(list(pred), list(human))
+        r_txt = "undefined" if math.isnan(r["pcc"]) else f"{r['pcc']:.3f}"
+        ax.set_title(f"{key.capitalize()}: r = {r_txt}, n = {r['n']}")
+        ax.set_xlabel("human score")
+        ax.set_ylabel("predicted score")
+        ax.set_xlim(-0.7, 10.7)
+        ax.set_ylim(-0.7, 10.7)
+        ax.set_xticks(range(0, 11))
+        ax.set_yticks(range(0, 11))
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{title}: predicted vs human sentence scores (points jittered ±0.2)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _accuracy_by_id(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
+    acc: dict[str, float] = {}
+    for r in predictions:
+        ref = r.get("reference") or {}
+        if ref.get("accuracy") is not None:
+            acc.setdefault(str(r.get("id")), float(ref["accuracy"]))
+    return acc
+
+
+def per_vs_accuracy(predictions: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(human accuracy, utterance PER) for MDD records whose utterance has an accuracy score.
+
+    The accuracy comes from the MDD record's reference or from the APA record of the same id.
+    Unparseable MDD answers are included as empty transcripts (PER 1.0), as in the metrics.
+    """
+    acc = _accuracy_by_id(predictions)
+    points = []
+    for r in predictions:
+        if r.get("task") != "mdd" or str(r.get("id")) not in acc:
+            continue
+        value = parsed_value(r)
+        hyp = value.get("phoneme_transcript", "") if value else ""
+        e = utterance_per((r.get("reference") or {}).get("phoneme_transcript", ""), hyp)
+        if not math.isnan(e):
+            points.append((acc[str(r.get("id"))], e))
+    return points
+
+
+def _plot_per_accuracy(predictions: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """The paper's Figure 5: utterance PER against the human accuracy score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    points = per_vs_accuracy(predictions)
+    if not points:
+        return False
+    acc = np.array([a for a, _ in points])
+    err = np.array([e for _, e in points])
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    ax.scatter(acc + rng.uniform(-0.2, 0.2, len(acc)), err, s=12, alpha=0.45, edgecolors="none")
+    levels = sorted(set(acc.tolist()))
+    means = [float(err[acc == lv].mean()) for lv in levels]
+    ax.plot(levels, means, color="tab:red", marker="o", lw=1.5, label="mean PER per score")
+    r = pcc(list(err), list(acc))
+    r_txt = "undefined" if math.isnan(r["pcc"]) else f"{r['pcc']:.3f}"
+    ax.set_title(f"{title}: PER vs human accuracy (r = {r_txt}, n = {r['n']})")
+    ax.set_xlabel("human accuracy score (jittered ±0.2)")
+    ax.set_ylabel("utterance PER")
+    ax.set_xlim(-0.7, 10.7)
+    ax.set_xticks(range(0, 11))
+    ax.set_ylim(bottom=-0.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _md_escape(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def _main_table(results: dict[str, Any], name: str) -> list[str]:
+    cols = _n_by_key(results)
+    summary = _summary(results)
+    lines = [
+        f"| metric | {name} | p-value | n | {PAPER_REFERENCE_NAME} |",
+        "|---|---|---|---|---|",
+    ]
+    for key in SUMMARY_KEYS:
+        c = cols.get(key, {})
+        lines.append(
+            f"| {COLUMN_NAMES[key]} | {_fmt(summary.get(key))} | {_fmt_p(c.get('p_value'))} "
+            f"| {c.get('n', '-')} | {_fmt(PAPER_REFERENCE[key])} |"
+        )
+    return lines
+
+
+def compare_table(
+    results: dict[str, Any], compare: dict[str, Any], name: str = "this run", compare_name: str = "baseline"
+) -> list[str]:
+    """Markdown rows: metric | baseline | this run | delta (+ better / - worse) | paper."""
+    new, old = _summary(results), _summary(compare)
+    lines = [
+        f"| metric | {compare_name} | {name} | delta | {PAPER_REFERENCE_NAME} |",
+        "|---|---|---|---|---|",
+    ]
+    for key in SUMMARY_KEYS:
+        d, mark = delta(key, new.get(key), old.get(key))
+        d_txt = "-" if d is None else f"{d:+.3f} ({mark})"
+        lines.append(
+            f"| {COLUMN_NAMES[key]} | {_fmt(old.get(key))} | {_fmt(new.get(key))} | {d_txt} "
+            f"| {_fmt(PAPER_REFERENCE[key])} |"
+        )
+    fails_new = results.get("parse_failure_counts") or {}
+    fails_old = compare.get("parse_failure_counts") or {}
+    for task in sorted(set(fails_new) | set(fails_old)):
+        a, b = fails_old.get(task), fails_new.get(task)
+        d_txt = "-" if a is None or b is None else f"{b - a:+d}"
+        lines.append(f"| unparseable {task} | {_fmt(a)} | {_fmt(b)} | {d_txt} | - |")
+    return lines
+
+
+def _failures_section(results: dict[str, Any]) -> list[str]:
+    fails = results.get("parse_failures") or {}
+    lines = ["## Unparseable answers", ""]
+    if not fails:
+        return lines + ["No predictions.", ""]
+    lines += ["| task | unparseable | of |", "|---|---|---|"]
+    for task, f in fails.items():
+        lines.append(f"| {task} | {f['count']} | {f['total']} |")
+    lines.append("")
+    lines.append(
+        "APA: excluded from PCC (see n). MDD and free-text tasks: scored as an empty answer (all deletions)."
+    )
+    lines.append("")
+    for task, f in fails.items():
+        if not f["items"]:
+            continue
+        shown = f["items"][:_MAX_LISTED_FAILURES]
+        lines += [
+            f"### {task}: first {len(shown)} of {f['count']}",
+            "",
+            "| id | error | raw answer |",
+            "|---|---|---|",
+        ]
+        for it in shown:
+            lines.append(
+                f"| {_md_escape(it.get('id'))} | {_md_escape(it.get('error') or '-')} "
+                f"| `{_md_escape(it.get('raw') or '')}` |"
+            )
+        lines.append("")
+    lines.append("All failures are listed in results.json (`parse_failures`).")
+    lines.append("")
+    return lines
+
+
+def _details(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    mdd = results.get("mdd")
+    if mdd and "mdd" in mdd:
+        c = mdd["mdd"]["counts"]
+        lines += [
+            "## MDD detail",
+            "",
+            "| TA | FR | FA | TR | CD | DE | diagnosis accuracy (CD/TR) |",
+            "|---|---|---|---|---|---|---|",
+            f"| {c['ta']} | {c['fr']} | {c['fa']} | {c['tr']} | {c['cd']} | {c['de']} "
+            f"| {_fmt(mdd['mdd'].get('diagnosis_accuracy'))} |",
+            "",
+        ]
+        if mdd["mdd"].get("note"):
+            lines += [f"Note: {mdd['mdd']['note']}", ""]
+    if mdd:
+        w, p = mdd["wer"], mdd["per"]
+        lines += [
+            "| | rate | S | D | I | reference tokens |",
+            "|---|---|---|---|---|---|",
+            f"| WER | {_fmt(w.get('wer'))} | {w.get('substitutions', '-')} | {w.get('deletions', '-')} "
+            f"| {w.get('insertions', '-')} | {w.get('n_ref_tokens', '-')} |",
+            f"| PER | {_fmt(p.get('per'))} | {p.get('substitutions', '-')} | {p.get('deletions', '-')} "
+            f"| {p.get('insertions', '-')} | {p.get('n_ref_tokens', '-')} |",
+            "",
+        ]
+    for task, block in results.items():
+        if task in ("summary", "columns", "parse_failure_counts", "parse_failures", "apa", "mdd"):
+            continue
+        if not isinstance(block, dict):
+            continue
+        rate = block.get("cer") or block.get("wer") or {}
+        rate_name = "CER" if "cer" in block else "WER"
+        lines += [
+            f"## Task `{task}` (language {block.get('language') or '-'})",
+            "",
+            f"| {rate_name} | BLEU | tokenizer | exact match | n |",
+            "|---|---|---|---|---|",
+            f"| {_fmt(rate.get(rate_name.lower()))} | {_fmt(block['bleu'].get('bleu'), 2)} "
+            f"| {block['bleu'].get('tokenizer')} | {_fmt(block['exact_match'].get('exact_match'))} "
+            f"| {block.get('n_total')} |",
+            "",
+        ]
+    return lines
+
+
+def write_report(
+    results: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    out_dir: Path,
+    compare: dict[str, Any] | None = None,
+    compare_name: str = "baseline",
+    name: str = "this run",
+) -> dict[str, Path]:
+    """Write results.json, report.md and the PNG plots into ``out_dir``; return their paths.
+
+    ``results`` is :func:`compute_all`'s output for ``predictions``; ``compare`` another
+    run's results (e.g. before training), shown side by side with deltas.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"results": out_dir / "results.json", "report": out_dir / "report.md"}
+    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+    md = [f"# Evaluation report: {name}", ""]
+    if compare is not None:
+        md += (
+            [f"## {compare_name} vs {name}", ""] + compare_table(results, compare, name, compare_name) + [""]
+        )
+        md += ["delta = this run - baseline; (+) better, (-) worse (lower WER/PER is better).", ""]
+    md += ["## Results (Table 3 columns)", ""] + _main_table(results, name) + [""]
+    md += [
+        "PCC: Pearson r between predicted and human sentence scores; n counts the parsed answers.",
+        "WER/PER: (S+D+I)/N over all utterances; F1/P/R: MDD against the annotated phones.",
+        f"The reference column is {PAPER_REFERENCE_NAME}: Ahn & Nam 2025, Table 3, Speechocean762 test.",
+        "",
+    ]
+    apa_png = out_dir / "apa_scatter.png"
+    if _plot_apa(predictions, apa_png, name):
+        paths["apa_scatter"] = apa_png
+        md += ["## Predicted vs human scores", "", f"![APA scatter]({apa_png.name})", ""]
+    per_png = out_dir / "per_vs_accuracy.png"
+    if _plot_per_accuracy(predictions, per_png, name):
+        paths["per_vs_accuracy"] = per_png
+        md += [
+            "## PER against human accuracy (cf. paper Figure 5)",
+            "",
+            f"![PER vs accuracy]({per_png.name})",
+            "",
+        ]
+    md += _details(results)
+    md += _failures_section(results)
+    paths["report"].write_text("\n".join(md))
+    return paths
+
+
+def render_table(
+    results: dict[str, Any], compare: dict[str, Any] | None = None, compare_name: str = "baseline"
+) -> Any:
+    """A rich Table of the Table 3 columns (with the baseline and deltas when given)."""
+    from rich.table import Table
+
+    table = Table(title="Evaluation (Table 3 columns)")
+    table.add_column("metric")
+    if compare is not None:
+        table.add_column(compare_name, justify="right")
+    table.add_column("value", justify="right")
+    if compare is not None:
+        table.add_column("delta", justify="right")
+    table.add_column("p-value", justify="right")
+    table.add_column("n", justify="right")
+    table.add_column(PAPER_REFERENCE_NAME, justify="right", style="dim")
+    cols, summary = _n_by_key(results), _summary(results)
+    for key in SUMMARY_KEYS:
+        c = cols.get(key, {})
+        row = [COLUMN_NAMES[key]]
+        if compare is not None:
+            row.append(_fmt(_summary(compare).get(key)))
+        row.append(_fmt(summary.get(key)))
+        if compare is not None:
+            d, mark = delta(key, summary.get(key), _summary(compare).get(key))
+            colour = {"+": "green", "-": "red"}.get(mark, "white")
+            row.append("-" if d is None else f"[{colour}]{d:+.3f}[/{colour}]")
+        row += [_fmt_p(c.get("p_value")), str(c.get("n", "-")), _fmt(PAPER_REFERENCE[key])]
+        table.add_row(*row)
+    fails = results.get("parse_failure_counts") or {}
+    if fails:
+        totals = {t: f.get("total") for t, f in (results.get("parse_failures") or {}).items()}
+        table.caption = "unparseable: " + ", ".join(f"{t} {n}/{totals.get(t, '?')}" for t, n in fails.items())
+    return table
