@@ -1,0 +1,71 @@
+"""The ``phi4mm-lora`` command: a thin argparse layer over the workflow modules.
+
+Each ``cli/*_cmds.py`` module adds its subcommands with ``register(subparsers)``; handlers
+return an exit code. A :class:`~phi4mm_lora.errors.UserError` becomes a one-line message and
+exit code 2 (traceback only with ``--debug``), so bad input never looks like a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from phi4mm_lora.cli import data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
+
+    parser = argparse.ArgumentParser(
+        prog="phi4mm-lora",
+        description=(
+            "LoRA fine-tuning of Phi-4-multimodal-instruct on current transformers/PEFT, "
+            "with a pronunciation-assessment recipe (APA scores + MDD transcripts). "
+            "Every command that takes --model uses a tiny test model when it is left out."
+        ),
+        epilog="Start with: phi4mm-lora doctor; phi4mm-lora verify; phi4mm-lora train configs/demo.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds):
+        module.register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from phi4mm_lora.errors import CheckFailed, UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    if not debug:
+        _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.handler(args)
+    except (UserError, CheckFailed) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

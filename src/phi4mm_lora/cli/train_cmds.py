@@ -1,0 +1,5 @@
+"""Placeholder until this workflow lands."""
+
+
+def register(subparsers) -> None:
+    return None

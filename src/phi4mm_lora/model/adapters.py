@@ -1,0 +1,255 @@
+"""Which LoRA adapters exist, which one trains, and what else is unfrozen.
+
+Native transformers has no LoRA inside Phi-4-multimodal: the pretrained ``speech`` and
+``vision`` adapters are ordinary PEFT adapters. This module attaches them (and any new one)
+with PEFT, then sets ``requires_grad`` explicitly for every parameter - PEFT's own
+``set_adapter`` silently marks active adapters trainable, which would make a "frozen" base
+adapter train in stacked mode.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from phi4mm_lora.config import AdapterConfig
+from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.convert import lora_config_from_spec
+from phi4mm_lora.model.precision import AUDIO_TOWER, DECODER_LINEAR, VISION_TOWER
+
+AUDIO_PROJECTOR = ("model.embed_tokens_extend.audio_embed.up_proj_for_speech", "model.embed_tokens_extend.audio_embed.down_proj_for_speech")
+VISION_PROJECTOR = (
+    "model.embed_tokens_extend.image_embed.img_projection_up",
+    "model.embed_tokens_extend.image_embed.img_projection_down",
+    "model.embed_tokens_extend.image_embed.global_img_feature_extensor",
+    "model.embed_tokens_extend.image_embed.sub_img_feature_extensor",
+)
+EXTRA_FILE = "trainable_modules.safetensors"
+
+#: A pretrained adapter read from a checkpoint: (LoRA config, {module: {"A", "B"}}).
+Pretrained = tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class AdapterState:
+    """What was attached: adapter names, the one that trains, and what the user should know."""
+
+    names: list[str]
+    trainable_adapter: str
+    active: list[str]
+    unfrozen_prefixes: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def unfrozen_prefixes(trainable: str) -> list[str]:
+    """Module prefixes trained besides LoRA for a trainable set."""
+    if trainable == "unfreeze":
+        return [AUDIO_TOWER, *AUDIO_PROJECTOR]
+    if trainable == "vision":
+        return [VISION_TOWER, *VISION_PROJECTOR]
+    return []
+
+
+def resolve_targets(model: torch.nn.Module, target: str, include_towers: bool) -> str:
+    """Turn ``all-linear`` or a user regex into a regex PEFT fullmatches, checking it matches."""
+    linear_names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear or _is_bnb_linear(m)]
+    if target == "all-linear":
+        names = [n for n in linear_names if n.startswith("model.layers.")]
+        if include_towers:
+            names += [n for n in linear_names if n.startswith((AUDIO_TOWER + ".", VISION_TOWER + "."))]
+        return "(" + "|".join(re.escape(n) for n in names) + ")"
+    matched = [n for n in linear_names if re.fullmatch(target, n)]
+    if not matched:
+        raise UserError(
+            f"LoRA target regex {target!r} matches no linear module; it must match whole names such as "
+            "'model.layers.0.self_attn.qkv_proj' (try adapter.target_modules=all-linear)"
+        )
+    return target
+
+
+def _is_bnb_linear(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _state_for_peft(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, ab in weights.items():
+        out[f"base_model.model.{module}.lora_A.weight"] = ab["A"]
+        out[f"base_model.model.{module}.lora_B.weight"] = ab["B"]
+    return out
+
+
+def read_peft_folder(folder: Path) -> Pretrained:
+    """A saved PEFT adapter folder as (config, weights)."""
+    cfg_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights_file.is_file():
+        raise UserError(f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = LoraConfig.from_pretrained(str(folder))
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(weights_file)).items():
+        m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$", key)
+        if m:
+            weights.setdefault(m[1], {})[m[2]] = t
+    return cfg, weights
+
+
+def _load_weights(peft: PeftModel, name: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    result = set_peft_model_state_dict(peft, _state_for_peft(weights), adapter_name=name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise UserError(f"adapter {name!r}: {len(unexpected)} tensors fit no module (e.g. {unexpected[0]})")
+
+
+def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict[str, Pretrained], lora_dtype: torch.dtype | None = None) -> tuple[PeftModel, AdapterState]:
+    """Wrap ``model`` in PEFT according to the adapter mode; return the model and what was done."""
+    notes: list[str] = []
+    base = cfg.base
+    if cfg.mode in ("pretrained", "stacked") and base not in pretrained:
+        raise UserError(
+            f"adapter.mode={cfg.mode} needs the pretrained {base!r} adapter, but the checkpoint has none "
+            f"(found: {sorted(pretrained) or 'none'}); use adapter.mode=fresh"
+        )
+    fresh_cfg = None
+    if cfg.mode in ("fresh", "stacked"):
+        target = resolve_targets(model, cfg.target_modules, cfg.include_towers)
+        fresh_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target, bias="none")
+    if cfg.mode == "fresh" and base in pretrained:
+        notes.append(
+            f"pretrained {base!r} adapter discarded: a fresh r={cfg.r} adapter replaces it, so the model's "
+            f"{'audio' if base == 'speech' else 'image'} understanding is lost until it is retrained"
+        )
+
+    order: list[tuple[str, LoraConfig, dict | None]] = []
+    if cfg.mode == "fresh":
+        order.append((base, fresh_cfg, None))
+    else:
+        order.append((base, pretrained[base][0], pretrained[base][1]))
+    for other, (ocfg, oweights) in pretrained.items():
+        if other != base:
+            order.append((other, ocfg, oweights))
+    if cfg.mode == "stacked":
+        order.append((cfg.name, fresh_cfg, None))
+
+    autocast = lora_dtype is None
+    peft: PeftModel | None = None
+    for name, lcfg, weights in order:
+        lcfg = LoraConfig(**{**lcfg.to_dict(), "inference_mode": False})
+        if peft is None:
+            peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
+        else:
+            peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
+        if weights is not None:
+            _load_weights(peft, name, weights)
+    assert peft is not None
+    trainable = cfg.name if cfg.mode == "stacked" else base
+    active = [base, cfg.name] if cfg.mode == "stacked" else [base]
+    set_active(peft, active)
+    if cfg.init_from:
+        _, w = read_peft_folder(Path(cfg.init_from))
+        _load_weights(peft, trainable, w)
+        load_extra_modules(peft, Path(cfg.init_from))
+    if lora_dtype is not None:
+        for n, p in peft.named_parameters():
+            if ".lora_" in n:
+                p.data = p.data.to(lora_dtype)
+    state = AdapterState([n for n, _, _ in order], trainable, active, unfrozen_prefixes(cfg.trainable), notes)
+    apply_trainable(peft, state)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return peft, state
+
+
+def set_active(peft: PeftModel, active: list[str]) -> None:
+    """Activate one or several adapters (stacked mode runs base + task together)."""
+    peft.base_model.set_adapter(active if len(active) > 1 else active[0])
+
+
+def apply_trainable(peft: PeftModel, state: AdapterState) -> None:
+    """Exactly the trainable adapter's LoRA tensors and the unfrozen modules require grad."""
+    mine = re.compile(rf"\.lora_[AB]\.{re.escape(state.trainable_adapter)}\.weight$")
+    for name, p in peft.named_parameters():
+        inner = name.replace("base_model.model.", "", 1)
+        if ".lora_" in name:
+            p.requires_grad_(bool(mine.search(name)))
+        else:
+            p.requires_grad_(any(inner == pre or inner.startswith(pre + ".") for pre in state.unfrozen_prefixes) and p.is_floating_point())
+
+
+def extra_trainable_state(peft: PeftModel, state: AdapterState) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in peft.named_parameters():
+        inner = name.replace("base_model.model.", "", 1)
+        if ".lora_" not in name and p.requires_grad:
+            out[inner] = p.detach().to("cpu").contiguous()
+    return out
+
+
+def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path) -> Path:
+    """Only what trained: the adapter in standard PEFT format, plus unfrozen modules if any."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft.save_pretrained(str(out_dir), selected_adapters=[state.trainable_adapter])
+    # PEFT puts a non-"default" adapter in a subfolder; flatten so the folder itself loads.
+    sub = out_dir / state.trainable_adapter
+    if sub.is_dir():
+        for f in sub.iterdir():
+            f.replace(out_dir / f.name)
+        sub.rmdir()
+    extra = extra_trainable_state(peft, state)
+    if extra:
+        save_file(extra, str(out_dir / EXTRA_FILE), metadata={"format": "pt"})
+    return out_dir
+
+
+def load_extra_modules(peft: PeftModel, folder: Path) -> int:
+    """Load unfrozen-module weights saved next to an adapter; returns how many tensors."""
+    f = folder / EXTRA_FILE
+    if not f.is_file():
+        return 0
+    tensors = load_file(str(f))
+    target = peft.base_model.model
+    missing = [k for k in tensors if k not in dict(target.named_parameters())]
+    if missing:
+        raise UserError(f"{f}: {len(missing)} tensors fit no module (e.g. {missing[0]})")
+    with torch.no_grad():
+        params = dict(target.named_parameters())
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].dtype))
+    return len(tensors)
+
+
+def merge_and_save(peft: PeftModel, state: AdapterState, out_dir: Path, processor=None) -> Path:
+    """Merge the active adapter(s) into the base weights and save a plain transformers model."""
+    merged = peft.merge_and_unload(adapter_names=state.active)
+    merged.save_pretrained(str(out_dir))
+    if processor is not None:
+        processor.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def lora_tensor_names(peft: torch.nn.Module) -> dict[str, list[str]]:
+    """LoRA parameter names grouped by adapter name."""
+    out: dict[str, list[str]] = {}
+    for name, _ in peft.named_parameters():
+        m = re.search(r"\.lora_(?:A|B)\.([A-Za-z0-9_]+)\.weight$", name)
+        if m:
+            out.setdefault(m[1], []).append(name)
+    return out
+
+
+__all__ = [
+    "AdapterState",
+    "attach_adapters",
+    "apply_trainable",
+    "save_trained",
+    "merge_and_save",
+    "read_peft_folder",
+    "lora_tensor_names",
+    "DECODER_LINEAR",
+    "lora_config_from_spec",
+]

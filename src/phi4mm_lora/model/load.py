@@ -1,0 +1,218 @@
+"""Load any Phi-4-multimodal checkpoint with native transformers classes and PEFT adapters.
+
+No remote code is ever executed: the official layout is read as tensors and renamed
+(:mod:`phi4mm_lora.model.convert`), the native layout loads with
+``Phi4MultimodalForCausalLM.from_pretrained``. The same function loads the 5.6B checkpoint
+and the tiny test model; only the folder differs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
+
+from phi4mm_lora.config import AdapterConfig, ModelConfig
+from phi4mm_lora.errors import UserError
+from phi4mm_lora.model import convert
+from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters, read_peft_folder
+from phi4mm_lora.model.precision import PrecisionPlan, check_plan, pick_device, quantised_modules, resolve_plan
+
+#: The hub revision that holds the converted native layout (speech-lora/, vision-lora/).
+NATIVE_REVISION = "refs/pr/70"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Loaded:
+    """A ready model: PEFT-wrapped, adapters attached, trainable set applied."""
+
+    model: torch.nn.Module  # peft.PeftModel
+    processor: Phi4MultimodalProcessor
+    path: Path
+    layout: str
+    plan: PrecisionPlan
+    adapters: AdapterState
+    planned_quantised: list[str]
+
+
+def resolve_path(model_cfg: ModelConfig) -> Path:
+    """Local folder for ``model.path``: the tiny model when empty, a hub snapshot for an id."""
+    if model_cfg.path is None:
+        from phi4mm_lora.model.tiny import ensure_tiny
+
+        return ensure_tiny("native")
+    p = Path(model_cfg.path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"--model {p} is a file; pass the checkpoint folder that holds config.json")
+        return p
+    if HUB_ID.match(model_cfg.path) and not model_cfg.path.startswith((".", "/")):
+        return _snapshot(model_cfg.path, model_cfg.revision or NATIVE_REVISION)
+    raise UserError(f"model path {model_cfg.path} does not exist; pass a checkpoint folder or a hub id (org/name)")
+
+
+def _snapshot(repo_id: str, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except Exception as exc:  # network, auth, missing revision
+        raise UserError(
+            f"could not fetch {repo_id}@{revision} from the hub ({type(exc).__name__}: {str(exc)[:200]}); "
+            "download it elsewhere and pass the local folder with --model"
+        ) from None
+
+
+def detect_layout(folder: Path) -> str:
+    """``native`` or ``official``; anything else is not a Phi-4-multimodal checkpoint."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{folder} has no config.json: not a model checkpoint folder")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_file} is not valid JSON ({exc})") from None
+    if model_type == "phi4_multimodal":
+        return "native"
+    if model_type == "phi4mm":
+        return "official"
+    raise UserError(f"{folder} holds a {model_type!r} model, not Phi-4-multimodal (expected model_type phi4_multimodal or phi4mm)")
+
+
+def _linear_names(config) -> list[str]:
+    with torch.device("meta"):
+        skeleton = Phi4MultimodalForCausalLM(config)
+    return [n for n, m in skeleton.named_modules() if type(m) is torch.nn.Linear]
+
+
+def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: AdapterConfig, attn: str = "sdpa") -> tuple[torch.nn.Module, dict[str, Pretrained], list[str]]:
+    """Base model in the plan's dtypes plus the checkpoint's pretrained adapters (not attached)."""
+    from phi4mm_lora.model.adapters import unfrozen_prefixes
+
+    if layout == "official":
+        if plan.quantised:
+            raise UserError(
+                f"precision {plan.name} loads the native layout; convert once with "
+                f"`phi4mm-lora convert {folder} NATIVE_DIR` and pass NATIVE_DIR"
+            )
+        config, base, specs, weights = convert.read_official(folder, dtype=plan.dtype)
+        config._attn_implementation = attn
+        with torch.device("meta"):
+            model = Phi4MultimodalForCausalLM(config)
+        missing, unexpected = model.load_state_dict(base, strict=False, assign=True)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise UserError(f"{folder}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+        _materialise_buffers(model, config)
+        model.to(plan.device)
+        pretrained = {n: (convert.lora_config_from_spec(specs[n]), w) for n, w in weights.items() if n in specs}
+        return model.eval(), pretrained, []
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    kwargs: dict = {"dtype": plan.dtype, "attn_implementation": attn}
+    planned: list[str] = []
+    if plan.quantised:
+        linear = _linear_names(config)
+        planned = plan.modules_to_quantise(linear, unfrozen_prefixes(adapter_cfg.trainable))
+        skip = [re.escape(n) for n in linear if n not in set(planned)]
+        kwargs["quantization_config"] = plan.bnb_config(skip)
+        kwargs["device_map"] = {"": plan.device}
+    elif plan.device.type != "cpu":
+        kwargs["device_map"] = {"": plan.device}
+    model = Phi4MultimodalForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    pretrained = {}
+    for name in ("speech", "vision"):
+        sub = folder / f"{name}-lora"
+        if sub.is_dir():
+            cfg, w = read_peft_folder(sub)
+            convert.check_adapter_nonzero(name, w)
+            pretrained[name] = (cfg, w)
+    return model.eval(), pretrained, planned
+
+
+def _materialise_buffers(model: torch.nn.Module, config) -> None:
+    """Non-persistent buffers (rotary inv_freq) stay on meta after assign-loading; rebuild them."""
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config=config)
+            module.inv_freq = fresh.inv_freq
+            module.original_inv_freq = fresh.original_inv_freq
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise UserError(f"buffer {name} was not in the checkpoint; the checkpoint is incomplete")
+
+
+def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProcessor:
+    """The native processor; for the official layout it is assembled from plain files.
+
+    The official folder's processor is remote code, and even reading its config.json through
+    the Auto classes would offer to execute it, so its parts are built explicitly here.
+    """
+    try:
+        if layout == "native":
+            return Phi4MultimodalProcessor.from_pretrained(folder, trust_remote_code=False)
+        return _official_processor(folder)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{folder}: cannot load the processor/tokenizer ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor, PreTrainedTokenizerFast
+
+    from phi4mm_lora.model.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_special_ids
+
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder} has no tokenizer.json; copy the checkpoint's tokenizer files there")
+    settings = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            settings = json.loads((folder / name).read_text())
+            break
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() else tok_cfg.get("chat_template")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"),
+        bos_token=tok_cfg.get("bos_token", "<|endoftext|>"),
+        eos_token=tok_cfg.get("eos_token", "<|endoftext|>"),
+        pad_token=tok_cfg.get("pad_token", "<|endoftext|>"),
+        unk_token=tok_cfg.get("unk_token", "<|endoftext|>"),
+        extra_special_tokens={"audio_token": AUDIO_TOKEN, "image_token": IMAGE_TOKEN},
+        chat_template=template,
+    )
+    check_special_ids(tokenizer)
+    audio_kw = {k: v for k, v in settings.get("audio_processor", {}).items() if k not in ("feature_extractor_type",)}
+    image_kw = {k: v for k, v in settings.get("image_processor", {}).items() if k in ("dynamic_hd", "patch_size", "size")}
+    return Phi4MultimodalProcessor(
+        image_processor=Phi4MultimodalImageProcessor(**image_kw),
+        audio_processor=Phi4MultimodalFeatureExtractor(**audio_kw),
+        tokenizer=tokenizer,
+    )
+
+
+def load_model(model_cfg: ModelConfig, precision: str, adapter_cfg: AdapterConfig) -> Loaded:
+    """The one entry point: path -> base (plan dtypes) -> PEFT adapters -> trainable set -> checks."""
+    folder = resolve_path(model_cfg)
+    layout = detect_layout(folder)
+    device = pick_device(model_cfg.device)
+    plan = resolve_plan(precision, device)
+    model, pretrained, planned = load_base(folder, layout, plan, adapter_cfg, model_cfg.attn_implementation)
+    peft, state = attach_adapters(model, adapter_cfg, pretrained, lora_dtype=plan.lora_dtype)
+    peft.to(plan.device) if not plan.quantised else None
+    if plan.quantised:
+        got = sorted(quantised_modules(peft))
+        if got != sorted(planned):
+            raise UserError(f"quantisation did not follow the plan: {len(got)} modules quantised, {len(planned)} planned")
+    problems = check_plan(peft)
+    if problems:
+        raise UserError("model cannot train: " + "; ".join(problems[:5]))
+    return Loaded(peft, load_processor(folder, layout), folder, layout, plan, state, planned)

@@ -1,0 +1,168 @@
+"""A tiny, randomly initialised Phi-4-multimodal with the real native architecture.
+
+Tests and the demo cannot download the 5.6B checkpoint, but they must run the very code
+paths the real model uses: the native ``Phi4MultimodalForCausalLM`` (decoder, conformer
+audio encoder, SigLIP vision tower, projectors), the real feature extractor and image
+processor, a real BPE tokenizer with Phi-4's special-token ids, and non-zero pretrained-style
+``speech`` / ``vision`` PEFT adapters. Only the sizes shrink. ``--layout official`` writes
+the same weights the way Microsoft's remote-code checkpoint stores them, so the converter is
+tested against a checkpoint it did not write for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    Phi4MultimodalConfig,
+    Phi4MultimodalFeatureExtractor,
+    Phi4MultimodalForCausalLM,
+    Phi4MultimodalImageProcessor,
+    Phi4MultimodalProcessor,
+)
+
+from phi4mm_lora.config import DECODER_LORA_REGEX
+from phi4mm_lora.model import convert
+from phi4mm_lora.model.tokenizer import EOS_IDS, VOCAB_SIZE, build_tokenizer
+
+#: Pretrained-style adapters of the tiny model (the real ones: speech r=320/640, vision r=256/512).
+TINY_ADAPTERS = {
+    "speech": {"r": 8, "lora_alpha": 16, "dp": 0.01, "layer": DECODER_LORA_REGEX},
+    "vision": {"r": 4, "lora_alpha": 8, "dp": 0.0, "layer": DECODER_LORA_REGEX},
+}
+
+
+def _rope(head_dim: int, factor: float = 0.75) -> dict:
+    half = int(head_dim * factor) // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": factor,
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "long_factor": [1.0 + 0.5 * i for i in range(half)],
+    }
+
+
+def tiny_config() -> Phi4MultimodalConfig:
+    """The real layout at toy width: 2 decoder layers, 2 conformer blocks, 2 SigLIP layers."""
+    hidden, heads = 64, 4
+    return Phi4MultimodalConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_parameters=_rope(hidden // heads),
+        eos_token_id=EOS_IDS,
+        audio_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_blocks": 2,
+            "num_attention_heads": 2,
+            "ext_pw_out_channel": 64,
+            "depthwise_separable_out_channel": 64,
+            "nemo_conv_channels": 64,
+            "bias_max_distance": 500,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+    )
+
+
+def tiny_processor(seed: int = 0) -> Phi4MultimodalProcessor:
+    """Real feature extractor and image processor (at most 4 crops) and the project's BPE."""
+    return Phi4MultimodalProcessor(
+        image_processor=Phi4MultimodalImageProcessor(dynamic_hd=4),
+        audio_processor=Phi4MultimodalFeatureExtractor(),
+        tokenizer=build_tokenizer(seed),
+    )
+
+
+def _adapter_state(model: torch.nn.Module, spec: dict, gen: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+    """Random non-zero LoRA A/B for every module the adapter's regex targets (like a trained one)."""
+    import re
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.fullmatch(spec["layer"], name):
+            a = torch.randn(spec["r"], module.in_features, generator=gen) / module.in_features**0.5
+            b = torch.randn(module.out_features, spec["r"], generator=gen) * 0.02
+            out[name] = {"A": a, "B": b}
+    return out
+
+
+def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "native", seed: int = 0) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        from phi4mm_lora.errors import UserError
+
+        raise UserError(f"{out} exists and is not empty; choose a new folder or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        torch.manual_seed(seed)
+        config = tiny_config()
+        model = Phi4MultimodalForCausalLM(config).eval()
+        gen = torch.Generator().manual_seed(seed + 1)
+        # Random init leaves these at zero/one; give them values so a wrong key mapping shows.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "feature_extensor" in name or name.endswith("global_invstd") or name.endswith("global_mean"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        adapters = {name: _adapter_state(model, spec, gen) for name, spec in TINY_ADAPTERS.items()}
+        processor = tiny_processor(seed)
+        if layout == "native":
+            model.save_pretrained(tmp)
+            for name, spec in TINY_ADAPTERS.items():
+                convert.write_peft_adapter(tmp / f"{name}-lora", adapters[name], spec)
+        else:
+            convert.write_official(tmp, model, adapters, TINY_ADAPTERS)
+        processor.save_pretrained(tmp)
+        (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout}, indent=1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_cache_dir() -> Path:
+    """Where the tiny model is built on first use (PHI4MM_LORA_CACHE overrides, for CI)."""
+    root = os.environ.get("PHI4MM_LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "phi4mm-lora")
+    return Path(root)
+
+
+def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """Return the cached tiny model, building it once (safe if two processes race)."""
+    root = cache_dir or default_cache_dir()
+    target = root / f"tiny-{layout}-seed{seed}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        build_tiny(target, layout=layout, seed=seed)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+# Keep save_file importable here for callers that write tiny variants in tests.
+__all__ = ["build_tiny", "ensure_tiny", "tiny_config", "tiny_processor", "save_file", "TINY_ADAPTERS"]
