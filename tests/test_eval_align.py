@@ -63,3 +63,14 @@ def test_render_report() -> None:
     console.print(render_report(rep))
     text = console.export_text()
     assert "substitution" in text and "zorblax" in text and "AE" in text
+
+
+def test_feedback_from_raw_answer() -> None:
+    from phi4mm_lora.evaluate.align import feedback_from_answer
+
+    res, rep = feedback_from_answer(
+        "cat", '{"word_transcript": "cat", "phoneme_transcript": "K AH T"}<|end|>'
+    )
+    assert res.ok and rep is not None and rep.issues[0].heard == "AH"
+    res, rep = feedback_from_answer("cat", "no json")
+    assert not res.ok and rep is None

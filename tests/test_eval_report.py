@@ -102,3 +102,23 @@ def test_render_table() -> None:
     text = console.export_text()
     for name in ("Acc PCC", "Total PCC", "WER", "PER", "F1", "untrained", "0.656", "unparseable: apa 1/8"):
         assert name in text
+
+
+def test_predictions_roundtrip_and_bad_files(tmp_path: Path) -> None:
+    from phi4mm_lora.errors import UserError
+    from phi4mm_lora.evaluate.report import load_predictions, load_results, save_predictions
+
+    recs = _records(0)
+    path = save_predictions(recs, tmp_path / "predictions.jsonl")
+    assert load_predictions(path) == recs
+    assert compute_all(load_predictions(path)) == compute_all(recs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "task": "apa"}\nnot json\n')
+    with pytest.raises(UserError, match="2 problem"):
+        load_predictions(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_predictions(tmp_path / "missing.jsonl")
+    write_report(compute_all(recs), recs, tmp_path / "run")
+    assert load_results(tmp_path / "run")["summary"] == compute_all(recs)["summary"]
+    with pytest.raises(UserError):
+        load_results(path)

@@ -5,6 +5,12 @@ Nothing here loads a model: the evaluate command saves prediction records (see
 results, so a results.json can always be recomputed from predictions.jsonl.
 """
 
+from phi4mm_lora.evaluate.align import (
+    PronunciationReport,
+    feedback_from_answer,
+    find_mispronunciations,
+    render_report,
+)
 from phi4mm_lora.evaluate.mdd import MDDCounts, align_sequences, mdd_scores, normalize_phones, score_utterance
 from phi4mm_lora.evaluate.metrics import (
     SUMMARY_KEYS,
@@ -20,8 +26,26 @@ from phi4mm_lora.evaluate.metrics import (
     wer,
 )
 from phi4mm_lora.evaluate.parse import ParseResult, parse_apa, parse_for_task, parse_mdd, parse_text
+from phi4mm_lora.evaluate.report import (
+    PAPER_REFERENCE,
+    load_predictions,
+    load_results,
+    render_table,
+    save_predictions,
+    write_report,
+)
 
 __all__ = [
+    "PAPER_REFERENCE",
+    "PronunciationReport",
+    "feedback_from_answer",
+    "find_mispronunciations",
+    "load_predictions",
+    "load_results",
+    "render_report",
+    "render_table",
+    "save_predictions",
+    "write_report",
     "MDDCounts",
     "ParseResult",
     "SUMMARY_KEYS",

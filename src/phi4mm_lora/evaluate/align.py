@@ -25,6 +25,7 @@ from functools import cache
 from typing import Any
 
 from phi4mm_lora.evaluate.mdd import UNK, align_sequences, edit_counts, normalize_phones
+from phi4mm_lora.evaluate.parse import ParseResult, parse_mdd
 
 
 @cache
@@ -167,6 +168,14 @@ def find_mispronunciations(text: str, phoneme_transcript: str | list[str]) -> Pr
             word = words[wi].word if words else ""
             report.issues.append(PhoneIssue(word, wi, pos, "insertion", None, heard[j]))
     return report
+
+
+def feedback_from_answer(text: str, answer: str) -> tuple[ParseResult, PronunciationReport | None]:
+    """Parse the model's raw MDD answer and, when it parses, compare it with ``text``."""
+    res = parse_mdd(answer)
+    if not res.ok or res.value is None:
+        return res, None
+    return res, find_mispronunciations(text, res.value["phoneme_transcript"])
 
 
 def render_report(report: PronunciationReport) -> Any:

@@ -20,7 +20,8 @@ predictions.jsonl)::
                                        # other: {"text": target text}
       "canonical_phones": "DH AH ...", # mdd only (str or list)
       "annotated_phones": "DH AH ...", # mdd only; defaults to reference phoneme_transcript
-      "language": "en"                 # manifest tasks: target language code (CER/BLEU)
+      "language": "en",                # manifest tasks: target language code (CER/BLEU)
+      "parse_error": "..."             # optional: why parsed is None (else re-derived from raw)
     }
 
 Unparseable answers: APA ones are excluded from PCC (``n`` says how many were scored);
@@ -266,23 +267,23 @@ def _failures(records: Sequence[dict[str, Any]], values: Sequence[Any]) -> dict[
     items = []
     for rec, val in zip(records, values, strict=True):
         if val is None:
-            err = (
-                parse_for_task(rec["task"], rec.get("raw", "")).error
-                if isinstance(rec.get("raw"), str)
-                else None
-            )
+            err = rec.get("parse_error")
+            if err is None:
+                err = (
+                    parse_for_task(rec["task"], rec.get("raw")).error or "marked unparseable by the evaluator"
+                )
             items.append({"id": rec.get("id"), "raw": rec.get("raw"), "error": err})
     return {"count": len(items), "total": len(records), "items": items}
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """NaN -> None recursively, so results.json is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -342,7 +343,7 @@ def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dic
     }
     ordered.update((k, v) for k, v in results.items() if k != "summary")
     ordered["parse_failures"] = failures
-    return _clean(ordered)
+    return json_safe(ordered)
 
 
 #: Display names of the summary keys, in the paper's Table 3 order.
@@ -377,3 +378,21 @@ def _columns(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["n"] = mdd["mdd"]["n_utterances"] if mdd and "mdd" in mdd else 0
         rows.append(row)
     return rows
+
+
+REQUIRED_KEYS: tuple[str, ...] = ("id", "task", "raw", "reference")
+
+
+def validate_records(records: Sequence[Any], source: str = "predictions") -> list[str]:
+    """Problems that make records unusable (all of them, one line each); empty when fine."""
+    problems = []
+    for n, rec in enumerate(records, 1):
+        if not isinstance(rec, dict):
+            problems.append(f"{source} record {n}: not an object")
+            continue
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            problems.append(f"{source} record {n} (id {rec.get('id')!r}): missing {', '.join(missing)}")
+        elif not isinstance(rec["reference"], dict):
+            problems.append(f"{source} record {n} (id {rec.get('id')!r}): 'reference' must be an object")
+    return problems

@@ -237,6 +237,8 @@ def extract_object(text: str) -> ParseResult:
             return ParseResult(True, value=obj, notes=notes)
     except json.JSONDecodeError:
         pass
+    # Typographic quotes (from some chat models) read as plain ones.
+    body = body.translate(str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"}))
     parser = _LenientParser(body)
     try:
         obj = parser.parse_object()

@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.metrics import (
     COLUMN_NAMES,
     SUMMARY_KEYS,
+    json_safe,
     parsed_value,
     pcc,
     utterance_per,
+    validate_records,
 )
 from phi4mm_lora.evaluate.parse import APA_KEYS
 
@@ -74,6 +77,57 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def _n_by_key(results: dict[str, Any]) -> dict[str, Any]:
     return {c["key"]: c for c in results.get("columns") or []}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_predictions(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write prediction records as JSONL (one record a line, UTF-8, NaN as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(json_safe(rec), ensure_ascii=False) + "\n")
+    return path
+
+
+def load_predictions(path: Path) -> list[dict[str, Any]]:
+    """Read predictions.jsonl; every unreadable line or bad record is reported at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"predictions file {path} not found; run `evaluate` first or pass its predictions.jsonl"
+        )
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{n}: not JSON ({exc.msg})")
+    problems += validate_records(records, source=str(path))
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in the predictions:\n  " + "\n  ".join(problems[:20]))
+    return records
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read a results.json (e.g. the run to compare against) with a clear error if unusable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"results file {path} not found; pass a run folder or its results.json") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"results file {path} is not JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or "summary" not in data:
+        raise UserError(f"{path} has no 'summary': not a results.json written by this project")
+    return data
 
 
 # ----------------------------------------------------------------------------- plots
@@ -329,7 +383,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"results": out_dir / "results.json", "report": out_dir / "report.md"}
-    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    paths["results"].write_text(json.dumps(json_safe(results), indent=2, ensure_ascii=False) + "\n")
 
     md = [f"# Evaluation report: {name}", ""]
     if compare is not None:
