@@ -16,6 +16,7 @@ the phone is left out of the transcript. Answers are one-line JSON with the key 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -137,9 +138,9 @@ def _dumps(obj: dict) -> str:
 
 
 def apa_answer(accuracy: float, fluency: float, prosodic: float, total: float) -> str:
-    """``{"accuracy": 8, "fluency": 9, "prosodic": 9, "total": 8}`` (rounded integers)."""
+    """``{"accuracy": 8, "fluency": 9, "prosodic": 9, "total": 8}`` (integers, halves round up)."""
     vals = {"accuracy": accuracy, "fluency": fluency, "prosodic": prosodic, "total": total}
-    return _dumps({k: int(round(_num(v, f"sentence {k}"))) for k, v in vals.items()})
+    return _dumps({k: int(math.floor(_num(v, f"sentence {k}") + 0.5)) for k, v in vals.items()})
 
 
 def mdd_answer(words: list[Word], text: str = "") -> str:

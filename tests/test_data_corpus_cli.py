@@ -1,0 +1,100 @@
+"""Generated corpus (needs espeak-ng), the data CLI handlers, and the committed corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from phi4mm_lora.cli.data_cmds import register
+from phi4mm_lora.data import bundled_corpus_path
+from phi4mm_lora.data.corpus import UttPlan, _plan, annotate
+from phi4mm_lora.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="command"))
+    return ap
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_make_corpus_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c"
+    args = _parser().parse_args(["make-corpus", str(out), "--n", "6", "--seed", "5"])
+    assert args.func(args) == 0
+    for split in ("train", "test"):
+        for f in ("wav.scp", "text", "utt2spk", "spk2utt", "spk2age", "spk2gender"):
+            assert (out / split / f).is_file()
+    scores = json.loads((out / "resource" / "scores.json").read_text())
+    assert len(scores) == 6
+    train_spk = {ln.split()[0] for ln in (out / "train" / "spk2utt").read_text().splitlines()}
+    test_spk = {ln.split()[0] for ln in (out / "test" / "spk2utt").read_text().splitlines()}
+    assert train_spk and test_spk and train_spk.isdisjoint(test_spk)
+    for line in (out / "train" / "wav.scp").read_text().splitlines():
+        utt, rel = line.split()
+        info = sf.info(str(out / rel))
+        assert info.samplerate == 16000 and info.channels == 1 and info.format == "FLAC"
+        assert utt in scores and 0.5 < info.duration < 15
+    with pytest.raises(UserError, match="not empty"):
+        args.func(args)
+
+
+def test_scores_follow_the_substitutions() -> None:
+    plan = _plan(12, 1)[0]
+    plan.pauses.clear()
+    plan.gap, plan.speed = 0, 160
+    clean = UttPlan(plan.utt, plan.speaker, plan.words, {}, 160, 0, {}, False)
+    bad = UttPlan(plan.utt, plan.speaker, plan.words,
+                  {(w, 0): "<unk>" for w in range(len(plan.words))}, 160, 0, {}, False)
+    a_clean, a_bad = annotate(clean), annotate(bad)
+    assert a_clean["accuracy"] == 10 and a_bad["accuracy"] < a_clean["accuracy"]
+    assert a_bad["total"] < a_clean["total"]
+    assert all(w["mispronunciations"][0]["pronounced-phone"] == "<unk>" for w in a_bad["words"])
+    assert all(w["phones-accuracy"][0] == 0.0 for w in a_bad["words"])
+    paused = UttPlan(plan.utt, plan.speaker, plan.words, {}, 110, 5, {0: 800}, False)
+    a_p = annotate(paused)
+    assert a_p["fluency"] < a_clean["fluency"] and a_p["prosodic"] < a_clean["prosodic"]
+
+
+def test_bundled_corpus_shape() -> None:
+    root = bundled_corpus_path()
+    scores = json.loads((root / "resource" / "scores.json").read_text())
+    n_train = len((root / "train" / "wav.scp").read_text().splitlines())
+    n_test = len((root / "test" / "wav.scp").read_text().splitlines())
+    assert (n_train, n_test) == (100, 50) and len(scores) == 150
+    words = [w for s in scores.values() for w in s["words"]]
+    pron = [m["pronounced-phone"] for w in words for m in w.get("mispronunciations", [])]
+    assert "<unk>" in pron and len(pron) > 20
+    assert any("mispronunciations" not in w for w in words)
+    canon = [m["canonical-phone"] for w in words for m in w.get("mispronunciations", [])]
+    assert any(c[-1].isdigit() for c in canon)  # stress digits kept on canonical phones
+
+
+def test_data_stats_prints_counts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    png = tmp_path / "s.png"
+    args = _parser().parse_args(["data", "stats", str(bundled_corpus_path()), "--plot", str(png)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "split train: 100 utterances, examples: apa 100, mdd 100" in out
+    assert "split test: 50 utterances, examples: apa 50, mdd 50" in out
+    assert "no problems found" in out and "accuracy" in out
+    assert png.stat().st_size > 10_000
+
+
+def test_data_stats_reports_problems(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(bundled_corpus_path(), root)
+    wav = next((root / "WAVE").rglob("*.flac"))
+    wav.write_bytes(b"broken")
+    args = _parser().parse_args(["data", "stats", str(root)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "1 record(s) skipped" in out and wav.stem in out
+    args = _parser().parse_args(["data", "stats", str(root), "--strict"])
+    with pytest.raises(UserError, match=wav.stem):
+        args.func(args)
