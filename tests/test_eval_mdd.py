@@ -169,3 +169,13 @@ def test_alignment_cost_equals_jiwer(seed: int) -> None:
         pairs = align_sequences(ref, hyp)
         assert [i for i, _ in pairs if i is not None] == list(range(len(ref)))
         assert [j for _, j in pairs if j is not None] == list(range(len(hyp)))
+
+
+def test_alignment_prefers_vowel_for_vowel() -> None:
+    # Both alignments of "K AE T" vs "K AH" cost 2 edits; the one pairing AE with AH
+    # (vowel for vowel) and deleting T is chosen, in either direction of the tie.
+    assert anchor(["K", "AE", "T"], ["K", "AH"]).at == ["K", "AH", None]
+    assert anchor(["K", "AE", "T"], ["AH", "T"]).at == [None, "AH", "T"]
+    # so the annotated substitution AE->AH is diagnosed at AE: c K AE T / a K AH T / r K AH
+    # K: TA; AE: TR-CD; T: a=T (correct), r deleted -> FR.
+    assert counts("K AE T", "K AH T", "K AH") == {"ta": 1, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}

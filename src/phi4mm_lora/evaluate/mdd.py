@@ -75,31 +75,49 @@ def _eq(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a == b and a != UNK
 
 
+#: One edit costs this much; the remainder breaks ties (see :func:`align_sequences`).
+_EDIT = 1 << 16
+
+
+def _is_vowel(phone: str) -> bool:
+    return phone[:1] in "AEIOU"
+
+
+def _sub_cost(a: str, b: str) -> int:
+    """0 for a hit; one edit, plus 1 when a vowel replaces a consonant or vice versa."""
+    if _eq(a, b):
+        return 0
+    if UNK in (a, b):
+        return _EDIT
+    return _EDIT + (_is_vowel(a) != _is_vowel(b))
+
+
 def align_sequences(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int | None, int | None]]:
     """Levenshtein alignment as (ref index, hyp index) pairs; ``None`` marks a gap.
 
-    Unit costs; ``<unk>`` in ``hyp`` is a substitution even against ``<unk>`` in ``ref`` so
-    an unclear phone is never a hit. Ties prefer match/substitution, then deletion, which
-    keeps substitutions on the canonical position they replace.
+    The number of edits is minimal (it equals jiwer's S+D+I). Among alignments with that
+    minimum, one with the fewest vowel<->consonant substitutions is chosen, so "K AE T"
+    against "K AH" pairs AE with AH and deletes T (not the other way round): this matters
+    for MDD, which asks *which* canonical phone was changed. ``<unk>`` never matches, not
+    even ``<unk>``, so an unclear phone is never a hit.
     """
     n, m = len(ref), len(hyp)
     d = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(1, n + 1):
-        d[i][0] = i
+        d[i][0] = i * _EDIT
     for j in range(1, m + 1):
-        d[0][j] = j
+        d[0][j] = j * _EDIT
     for i in range(1, n + 1):
         ri, row, prev = ref[i - 1], d[i], d[i - 1]
         for j in range(1, m + 1):
-            sub = prev[j - 1] + (0 if _eq(ri, hyp[j - 1]) else 1)
-            row[j] = min(sub, prev[j] + 1, row[j - 1] + 1)
+            row[j] = min(prev[j - 1] + _sub_cost(ri, hyp[j - 1]), prev[j] + _EDIT, row[j - 1] + _EDIT)
     pairs: list[tuple[int | None, int | None]] = []
     i, j = n, m
     while i > 0 or j > 0:
-        if i > 0 and j > 0 and d[i][j] == d[i - 1][j - 1] + (0 if _eq(ref[i - 1], hyp[j - 1]) else 1):
+        if i > 0 and j > 0 and d[i][j] == d[i - 1][j - 1] + _sub_cost(ref[i - 1], hyp[j - 1]):
             pairs.append((i - 1, j - 1))
             i, j = i - 1, j - 1
-        elif i > 0 and d[i][j] == d[i - 1][j] + 1:
+        elif i > 0 and d[i][j] == d[i - 1][j] + _EDIT:
             pairs.append((i - 1, None))
             i -= 1
         else:
