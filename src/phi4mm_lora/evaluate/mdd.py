@@ -109,8 +109,16 @@ def align_sequences(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int | 
         d[0][j] = j * _EDIT
     for i in range(1, n + 1):
         ri, row, prev = ref[i - 1], d[i], d[i - 1]
+        costs = [_sub_cost(ri, h) for h in hyp]  # one call per cell would dominate the run time
+        left = row[0]
         for j in range(1, m + 1):
-            row[j] = min(prev[j - 1] + _sub_cost(ri, hyp[j - 1]), prev[j] + _EDIT, row[j - 1] + _EDIT)
+            diag, up = prev[j - 1] + costs[j - 1], prev[j] + _EDIT
+            left = left + _EDIT
+            if diag < left:
+                left = diag
+            if up < left:
+                left = up
+            row[j] = left
     pairs: list[tuple[int | None, int | None]] = []
     i, j = n, m
     while i > 0 or j > 0:
