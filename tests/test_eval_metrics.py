@@ -286,3 +286,7 @@ def test_compute_all_reparse_and_missing_tasks() -> None:
     assert res["summary"]["wer"] is None and "mdd" not in res
     assert res["parse_failure_counts"] == {"apa": 4}
     assert compute_all([])["summary"] == dict.fromkeys(SUMMARY_KEYS)
+
+
+def test_language_codes_with_region() -> None:
+    assert "cer" in manifest_metrics(["我"], ["我"], "zh_CN") and bleu_tokenizer("zh-TW") == "zh"

@@ -155,7 +155,7 @@ def bleu_tokenizer(language: str | None) -> str:
     (``pip install sacrebleu[ja]`` / ``[ko]``), else 'char' (character BLEU; needs nothing
     extra); everything else -> the standard '13a'.
     """
-    lang = (language or "").lower().split("-")[0].split("_")[0]
+    lang = (language or "").lower().replace("_", "-").split("-")[0]
     if lang in ("zh", "cmn", "yue"):
         return "zh"
     if lang in ("ja", "ko"):
@@ -239,7 +239,7 @@ def manifest_metrics(
     preds: Sequence[str | None], refs: Sequence[str], language: str | None = None
 ) -> dict[str, Any]:
     """Free-text task: WER (or CER for unspaced scripts), BLEU and exact match."""
-    lang = (language or "").lower().split("-")[0]
+    lang = (language or "").lower().replace("_", "-").split("-")[0]
     out: dict[str, Any] = {"language": language}
     if lang in CHAR_LANGUAGES:
         out["cer"] = cer(refs, preds)
