@@ -215,4 +215,5 @@ def load_model(model_cfg: ModelConfig, precision: str, adapter_cfg: AdapterConfi
     problems = check_plan(peft)
     if problems:
         raise UserError("model cannot train: " + "; ".join(problems[:5]))
+    peft.eval()  # new LoRA dropout modules start in train mode; callers opt into training
     return Loaded(peft, load_processor(folder, layout), folder, layout, plan, state, planned)
