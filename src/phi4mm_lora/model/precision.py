@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,11 @@ from phi4mm_lora.errors import UserError
 DECODER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)")
 AUDIO_TOWER = "model.embed_tokens_extend.audio_embed.encoder"
 VISION_TOWER = "model.embed_tokens_extend.image_embed.img_processor"
+PLANS: tuple[str, ...] = ("bf16", "fp16", "fp32", "int8", "nf4", "selective")
+
+
+class PrecisionFallback(UserWarning):
+    """``precision: auto`` could not use bf16 and picked another plan."""
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -120,28 +126,31 @@ def working_plans(device: torch.device) -> list[str]:
     return plans
 
 
-def resolve_plan(precision: str, device: torch.device) -> PrecisionPlan:
-    """Turn a requested plan into a concrete one, or explain which plans do work here."""
-    notes: list[str] = []
-    if precision == "auto":
-        if device.type == "cuda" and bf16_supported(device):
-            precision = "bf16"
-        elif device.type == "cuda":
-            precision = "fp16"
-            notes.append("auto: this GPU lacks bf16, using fp16 with loss scaling")
-        else:
-            precision = "fp32"
-    ok = working_plans(device)
-    if precision not in ok:
-        why = ""
-        if precision == "fp16" and device.type == "cpu":
-            why = "fp16 training is not supported on CPU"
-        elif precision == "bf16":
-            why = f"{device.type} device lacks bf16"
-        elif precision in ("int8", "nf4", "selective"):
-            why = bitsandbytes_problem(device) or "bitsandbytes cannot run here"
-        raise UserError(f"precision {precision!r} cannot run on this machine ({why}); plans that work here: {', '.join(ok)}")
-    half = torch.bfloat16 if bf16_supported(device) and device.type != "cpu" else torch.float32
+def _why_not(precision: str, device: torch.device) -> str:
+    if precision == "fp16" and device.type == "cpu":
+        return "fp16 training is not supported on CPU"
+    if precision == "bf16":
+        if device.type == "cuda":
+            try:
+                name = torch.cuda.get_device_name(device)
+                major, minor = torch.cuda.get_device_capability(device)
+                return f"this GPU ({name}, compute capability {major}.{minor}) has no bf16 support; use fp16"
+            except Exception:  # pragma: no cover - no driver to ask
+                return "this GPU has no bf16 support; use fp16"
+        return f"the {device.type} device lacks bf16"
+    if precision in ("int8", "nf4", "selective"):
+        return bitsandbytes_problem(device) or "bitsandbytes cannot run here"
+    return "not available on this device"
+
+
+def plan_for(precision: str, device: torch.device, bf16: bool = True, notes: list[str] | None = None) -> PrecisionPlan:
+    """The plan ``precision`` means on ``device`` (``bf16``: whether it computes bf16), unchecked.
+
+    :func:`resolve_plan` checks the plan can run here first; the architecture report uses this
+    directly to describe a plan for a machine it is not running on (a bf16-capable GPU).
+    """
+    notes = list(notes or [])
+    half = torch.bfloat16 if bf16 and device.type != "cpu" else torch.float32
     if precision == "bf16":
         return PrecisionPlan("bf16", device, torch.bfloat16, notes=notes)
     if precision == "fp16":
@@ -152,8 +161,37 @@ def resolve_plan(precision: str, device: torch.device) -> PrecisionPlan:
         return PrecisionPlan("int8", device, half, quant="int8", notes=notes)
     if precision == "nf4":
         return PrecisionPlan("nf4", device, half, quant="nf4", quantise_towers=True, notes=notes)
-    keep = torch.bfloat16 if bf16_supported(device) else torch.float32
-    return PrecisionPlan("selective", device, keep, quant="nf4", lora_dtype=keep, notes=notes)
+    if precision == "selective":
+        keep = torch.bfloat16 if bf16 else torch.float32
+        return PrecisionPlan("selective", device, keep, quant="nf4", lora_dtype=keep, notes=notes)
+    raise UserError(f"unknown precision {precision!r}; choose one of auto, {', '.join(PLANS)}")
+
+
+def resolve_plan(precision: str, device: torch.device) -> PrecisionPlan:
+    """Turn a requested plan into a concrete one, or explain which plans do work here.
+
+    ``auto`` picks bf16 on a GPU that has it; otherwise it falls back (fp16 on an older GPU,
+    fp32 on CPU/MPS) with a one-line warning. An explicit plan this machine cannot run is a
+    :class:`UserError` that names the plans that do work here.
+    """
+    notes: list[str] = []
+    if precision == "auto":
+        if device.type == "cuda" and bf16_supported(device):
+            precision = "bf16"
+        elif device.type == "cuda":
+            precision = "fp16"
+            notes.append("precision auto: this GPU lacks bf16, using fp16 with loss scaling")
+        else:
+            precision = "fp32"
+            notes.append(f"precision auto: no CUDA GPU ({device.type}), using fp32")
+        warnings.warn(notes[-1], PrecisionFallback, stacklevel=2)
+    if precision not in PLANS:
+        raise UserError(f"unknown precision {precision!r}; choose one of auto, {', '.join(PLANS)}")
+    ok = working_plans(device)
+    if precision not in ok:
+        why = _why_not(precision, device)
+        raise UserError(f"precision {precision!r} cannot run on this machine ({why}); plans that work here: {', '.join(ok)}")
+    return plan_for(precision, device, bf16_supported(device), notes)
 
 
 def is_quantised_module(module: torch.nn.Module) -> bool:
@@ -174,11 +212,18 @@ def quantised_modules(model: torch.nn.Module) -> list[str]:
 
 
 def check_plan(model: torch.nn.Module) -> list[str]:
-    """Problems that make a model untrainable: quantised LoRA/trainable modules, non-float grads."""
+    """Problems that make a model untrainable: quantised LoRA/trainable modules, non-float grads.
+
+    The trainer refuses a model for which this returns anything (``load_model`` raises).
+    """
     problems = []
     for name, module in model.named_modules():
-        if is_quantised_module(module) and re.search(r"\.lora_(A|B)\b|lora_embedding", name):
+        if not is_quantised_module(module):
+            continue
+        if re.search(r"\.lora_(A|B)\b|lora_embedding", name):
             problems.append(f"LoRA quantised - cannot train: {name}")
+        elif any(p.requires_grad for p in module.parameters(recurse=False)):
+            problems.append(f"trainable module quantised - cannot train: {name}")
     for name, p in model.named_parameters():
         if p.requires_grad and not p.is_floating_point():
             problems.append(f"trainable tensor is not floating point ({p.dtype}): {name}")
