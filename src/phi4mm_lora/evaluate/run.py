@@ -1,0 +1,261 @@
+"""Evaluate a model (+ adapter) on a data split and write the report; evaluate during training.
+
+:func:`evaluate` is the whole pipeline behind ``phi4mm-lora evaluate``: examples from the
+data layer -> batched greedy generation -> prediction records (the format documented in
+:mod:`phi4mm_lora.evaluate.metrics`) -> :func:`compute_all` -> :func:`write_report`.
+Predictions are saved before any metric is computed, so ``results.json`` can always be
+recomputed from ``predictions.jsonl`` without the model (a test does exactly that).
+
+Why records carry more than the answer: MDD precision/recall need the canonical phones
+(what should have been said) and the annotated phones (what the annotators heard), which
+only the data layer knows; they are stored in each MDD record so the metrics never need the
+dataset again.
+
+Failures are never dropped: an answer that does not parse, and an example whose audio or
+generation failed (raw ``""`` with ``parse_error`` naming the cause), all stay in the
+records, so they are counted per task by :func:`compute_all` and listed in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from phi4mm_lora.config import RunConfig, dump_config
+from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
+from phi4mm_lora.data.targets import canonical_phones
+from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
+from phi4mm_lora.evaluate.metrics import compute_all
+from phi4mm_lora.evaluate.parse import parse_for_task
+from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
+
+#: Keys of the flat dict the per-epoch evaluator returns (the trainer logs them as eval/<key>).
+EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "wer", "per", "f1", "precision", "recall")
+
+
+def _utterance_info(cfg: RunConfig, utt_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """Canonical phones and human accuracy per utterance (Speechocean sources only)."""
+    if cfg.data.source != "speechocean" or not utt_ids:
+        return {}
+    from phi4mm_lora.data.speechocean import read_speechocean
+
+    path = Path(cfg.data.path).expanduser() if cfg.data.path else bundled_corpus_path()
+    info = {}
+    for u in read_speechocean(path).utterances:
+        if u.utt_id in utt_ids:
+            canon = [p for w in u.words for p in canonical_phones(w)]
+            info[u.utt_id] = {"canonical_phones": " ".join(canon) if canon else None,
+                              "accuracy": u.scores.get("accuracy")}
+    return info
+
+
+def build_record(ex: Example, gen: Generation, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One prediction record in :func:`compute_all`'s format."""
+    raw = gen.text
+    res = parse_for_task(ex.task, raw)
+    rec: dict[str, Any] = {"id": ex.utt_id, "task": ex.task, "raw": raw,
+                           "parsed": res.value if res.ok else None}
+    if gen.error is not None:
+        rec["parsed"] = None
+        rec["parse_error"] = f"no answer ({gen.error})"
+        rec["error"] = gen.error
+    elif not res.ok:
+        rec["parse_error"] = res.error
+    if ex.task in ("apa", "mdd"):
+        try:
+            ref = json.loads(ex.answer)
+        except json.JSONDecodeError:
+            ref = {}
+        if ex.task == "mdd":
+            info = info or {}
+            if info.get("accuracy") is not None:
+                ref["accuracy"] = info["accuracy"]
+            rec["canonical_phones"] = info.get("canonical_phones")
+            rec["annotated_phones"] = ref.get("phoneme_transcript", "")
+        rec["reference"] = ref
+    else:
+        rec["reference"] = {"text": ex.answer}
+    rec["n_tokens"] = gen.n_tokens
+    rec["finished"] = gen.finished
+    return rec
+
+
+def _load(cfg: RunConfig, loaded: Any | None) -> Any:
+    if loaded is not None:
+        return loaded
+    from phi4mm_lora.model.load import load_model
+
+    return load_model(cfg.model, cfg.precision, cfg.adapter)
+
+
+def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
+            progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate for ``examples`` and turn the answers into records; also timing figures."""
+    t0 = time.perf_counter()
+    gens = generate_all(model, processor, examples, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
+    seconds = time.perf_counter() - t0
+    info = _utterance_info(cfg, {ex.utt_id for ex in examples if ex.task == "mdd"})
+    records = [build_record(ex, g, info.get(ex.utt_id)) for ex, g in zip(examples, gens, strict=True)]
+    tasks = sorted({ex.task for ex in examples})
+    timing = {
+        "generation_seconds": round(seconds, 3),
+        "examples": len(examples),
+        "examples_per_second": round(len(examples) / seconds, 3) if seconds > 0 else None,
+        "generated_tokens": sum(g.n_tokens for g in gens),
+        "max_new_tokens": {t: max_tokens_for(t, cfg.eval.max_new_tokens) for t in tasks},
+        "batch_size": cfg.eval.batch_size,
+    }
+    return records, timing
+
+
+def evaluate(
+    cfg: RunConfig,
+    loaded: Any | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    output_dir: str | Path | None = None,
+    compare: str | Path | dict[str, Any] | None = None,
+    name: str = "this run",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on ``split`` (default ``cfg.data.eval_split``); write the report; return results.
+
+    ``limit`` caps utterances (both tasks of an utterance are kept); ``compare`` is another
+    run's results.json, its run folder, or the loaded dict, shown side by side with deltas.
+    Output (``output_dir``, default ``cfg.output_dir``): predictions.jsonl, results.json
+    (exactly ``compute_all(predictions)``), report.md, PNG plots, config.yaml and run.json
+    (model, adapter, timing, failures). The returned dict is results.json plus ``meta``
+    (run.json's content).
+    """
+    split = split or cfg.data.eval_split
+    if limit is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
+    out = Path(output_dir or cfg.output_dir).expanduser()
+    baseline = compare if isinstance(compare, dict) or compare is None else load_results(Path(compare))
+    loaded = _load(cfg, loaded)
+    examples, data_report = build_examples(cfg.data, cfg.prompts, split,
+                                           audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_predictions(records, out / "predictions.jsonl")
+    results = compute_all(records)
+    meta = {
+        "model": str(getattr(loaded, "path", cfg.model.path)),
+        "adapter": cfg.adapter.init_from,
+        "adapter_mode": cfg.adapter.mode,
+        "data": data_report.source,
+        "split": split,
+        "utterances": data_report.n_utterances,
+        "skipped_by_data_layer": [{"kind": p.kind, "item": p.item, "detail": p.detail}
+                                  for p in data_report.problems],
+        "generation_failures": [{"id": r["id"], "task": r["task"], "error": r["error"]}
+                                for r in records if r.get("error")],
+        **timing,
+    }
+    dump_config(cfg, out / "config.yaml")
+    (out / "run.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    paths = write_report(results, records, out, compare=baseline,
+                         compare_name=_compare_name(compare), name=name)
+    with paths["report"].open("a", encoding="utf-8") as fh:
+        fh.write("\n" + "\n".join(_run_section(meta)) + "\n")
+    return {**results, "meta": meta}
+
+
+def _run_section(meta: dict[str, Any]) -> list[str]:
+    """What ran, how fast, and what could not be evaluated (appended to report.md)."""
+    budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
+    lines = [
+        "## Run",
+        "",
+        f"- model: `{meta['model']}`; adapter: `{meta['adapter'] or 'the checkpoint'}` ({meta['adapter_mode']} mode)",
+        f"- data: `{meta['data']}` split `{meta['split']}`: {meta['utterances']} utterances, "
+        f"{meta['examples']} examples",
+        f"- generation: {meta['generation_seconds']} s, {meta['examples_per_second']} examples/s, "
+        f"{meta['generated_tokens']} tokens; max_new_tokens {budgets}; batch size {meta['batch_size']}",
+    ]
+    skipped = meta["skipped_by_data_layer"]
+    if skipped:
+        lines.append(f"- skipped by the data layer: {len(skipped)} (" + "; ".join(
+            f"{s['item']}: {s['kind']}" for s in skipped[:10]) + ")")
+    failed = meta["generation_failures"]
+    if failed:
+        lines.append(f"- no answer (audio or generation failed, counted as unparseable): {len(failed)}")
+        lines += [f"  - `{f['id']}` {f['task']}: {f['error']}" for f in failed[:20]]
+    return lines
+
+
+def _compare_name(compare: Any) -> str:
+    if isinstance(compare, (str, Path)):
+        p = Path(compare)
+        return (p.parent.name if p.name == "results.json" else p.name) or "baseline"
+    return "baseline"
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float | int | None]:
+    """The main numbers as a flat dict (for training logs)."""
+    summary = results.get("summary") or {}
+    flat: dict[str, float | int | None] = {k: summary.get(k) for k in EPOCH_KEYS if k in summary}
+    for task, n in (results.get("parse_failure_counts") or {}).items():
+        flat[f"parse_failures_{task}"] = n
+    flat["parse_failures"] = sum((results.get("parse_failure_counts") or {}).values())
+    return flat
+
+
+def subset_utterances(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """All examples of ``n`` utterances drawn with ``seed`` (same draw every epoch)."""
+    ids = sorted({ex.utt_id for ex in examples})
+    if n < len(ids):
+        ids = sorted(random.Random(seed).sample(ids, n))
+    keep = set(ids)
+    return [ex for ex in examples if ex.utt_id in keep]
+
+
+class EpochEvaluator:
+    """Callable for the trainer's ``evaluate_fn(model, processor, epoch) -> dict``.
+
+    Scores a fixed subset of ``cfg.eval.subset`` utterances of the eval split, writes
+    ``<output_dir>/eval/epoch-<n>/`` (predictions, results, report) and returns the main
+    metrics flat (``total_pcc``, ``per``, ``wer``, ``f1``..., ``parse_failures``), which the
+    trainer logs as ``eval/<key>``. ``evaluator(epoch)`` alone works when a loaded model
+    was given.
+    """
+
+    def __init__(self, cfg: RunConfig, loaded: Any | None = None, progress: bool = False) -> None:
+        self.cfg, self.loaded, self.progress = cfg, loaded, progress
+        self._examples: list[Example] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def examples(self, audio_token: str) -> list[Example]:
+        if self._examples is None:
+            all_ex, _ = build_examples(self.cfg.data, self.cfg.prompts, self.cfg.data.eval_split,
+                                       audio_token=audio_token, seed=self.cfg.seed)
+            self._examples = subset_utterances(all_ex, self.cfg.eval.subset, self.cfg.seed)
+        return self._examples
+
+    def __call__(self, *args: Any) -> dict[str, Any]:
+        if len(args) == 1:
+            if self.loaded is None:
+                raise TypeError("evaluator(epoch) needs a loaded model; call evaluator(model, processor, epoch)")
+            model, processor, epoch = self.loaded.model, self.loaded.processor, args[0]
+        else:
+            model, processor, epoch = args
+        examples = self.examples(processor.audio_token)
+        records, timing = predict(self.cfg, model, processor, examples, self.progress)
+        results = compute_all(records)
+        out = Path(self.cfg.output_dir).expanduser() / "eval" / f"epoch-{epoch}"
+        save_predictions(records, out / "predictions.jsonl")
+        previous = self.history[-1] if self.history else None
+        write_report(results, records, out, compare=previous,
+                     compare_name=f"epoch {epoch - 1}", name=f"epoch {epoch}")
+        self.history.append(results)
+        return flat_metrics(results)
+
+
+def make_epoch_evaluator(cfg: RunConfig, loaded: Any | None = None) -> Callable[..., dict[str, Any]]:
+    """The per-epoch evaluator for :func:`phi4mm_lora.train.finetune.train`'s ``evaluate_fn``."""
+    return EpochEvaluator(cfg, loaded)
