@@ -164,6 +164,11 @@ class TrainConfig(_Section):
     save_every_steps: int | None = None
     log_every_steps: int = 1
     num_workers: int = 0
+    padding_side: Literal["left", "right"] = Field(
+        "right",
+        description="Where the collator pads. Both give the same loss (position ids follow the "
+        "attention mask); left puts every answer at the end of its row, which suits generation.",
+    )
 
     @model_validator(mode="after")
     def _positive(self) -> TrainConfig:

@@ -1,0 +1,398 @@
+"""The training recipe: one readable function, setup -> train -> cleanup.
+
+Run with ``phi4mm-lora train CONFIG.yaml`` on one device, or under ``accelerate launch``
+(DDP on several GPUs, or several CPU processes with gloo) with no code change: the
+:class:`accelerate.Accelerator` owns device placement, gradient synchronisation and fp16 loss
+scaling; everything else is plain PyTorch that reads top to bottom.
+
+What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
+
+1. the epoch's batch plan (:func:`~phi4mm_lora.data.collate.batch_plan`, deterministic in
+   seed and epoch) gives this step ``W * A`` micro-batches; process ``r`` takes every W-th;
+2. the label tokens of all of them are counted (all-reduced over processes) *first*, so each
+   micro-batch's summed loss is divided by the step's total: gradient accumulation and
+   multi-process training then give exactly the gradient of one big batch;
+3. loss is computed on answer positions only (:mod:`phi4mm_lora.train.loss`);
+4. a non-finite loss stops the run naming the step, the examples and the last checkpoint;
+5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and TensorBoard.
+
+Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
+each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
+the data. After each epoch an optional ``evaluate_fn(model, processor, epoch) -> dict`` is
+called (when ``eval.during_training``) and its numbers are logged with the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi4mm_lora.config import RunConfig, dump_config
+from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
+from phi4mm_lora.errors import UserError
+from phi4mm_lora.train import checkpoint as ckpt
+from phi4mm_lora.train import loss as loss_mod
+
+#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
+EvaluateFn = Callable[[torch.nn.Module, Any, int], dict[str, float]]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the message names the step, the examples and the last checkpoint."""
+
+    exit_code = 3
+
+
+@dataclass
+class TrainResult:
+    """Where things went and the headline numbers (also in ``summary.json``)."""
+
+    run_dir: Path
+    adapter_dir: Path
+    summary: dict[str, Any]
+    losses: list[float] = field(default_factory=list)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the collated ``i``-th micro-batch of this process (lets workers prefetch)."""
+
+    def __init__(self, examples: list, batches: list[list[int]], collator: Collator) -> None:
+        self.examples, self.batches, self.collator = examples, batches, collator
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.collator([self.examples[j] for j in self.batches[i]])
+
+
+def _mixed_precision(plan) -> str:
+    """fp16 plans need loss scaling; bf16 plans autocast so fp32 LoRA and bf16 base mix cleanly."""
+    if plan.dtype == torch.float16:
+        return "fp16"
+    if plan.dtype == torch.bfloat16:
+        return "bf16"
+    return "no"
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
+    """Optimizer steps in one epoch. One process keeps a short last step; several drop it
+    (a process with no micro-batch would stall the others' gradient all-reduce)."""
+    per_step = world * accum
+    return math.ceil(n_batches / per_step) if world == 1 else n_batches // per_step
+
+
+def rank_batches(plan: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
+    """This process's micro-batches of optimizer step ``step`` (within the epoch)."""
+    chunk = plan[step * world * accum : (step + 1) * world * accum]
+    return chunk[rank::world]
+
+
+def plot_losses(metrics_file: Path, out_png: Path, title: str = "training loss") -> Path:
+    """Loss per step, with the epoch evaluations (if any) on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("type") == "train"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", lw=1.2, label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax2 = ax.twinx()
+        keys = [k for k in evals[-1] if k not in ("type", "step", "epoch") and isinstance(evals[-1][k], (int, float))]
+        for k in keys[:6]:
+            ax2.plot([r["step"] for r in evals], [r.get(k, float("nan")) for r in evals], marker="o", ls="--", label=f"eval {k}")
+        ax2.set_ylabel("evaluation")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def train(
+    cfg: RunConfig,
+    evaluate_fn: EvaluateFn | None = None,
+    *,
+    resume: str | Path | bool | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from phi4mm_lora.data.examples import build_examples
+    from phi4mm_lora.model.adapters import load_extra_modules, save_trained
+    from phi4mm_lora.model.load import load_model
+    from phi4mm_lora.model.precision import check_plan, pick_device, resolve_plan
+
+    t_start = time.perf_counter()
+    tc = cfg.train
+    run_dir = Path(cfg.output_dir).expanduser()
+
+    # ------------------------------------------------------------------ setup
+    plan_guess = resolve_plan(cfg.precision, pick_device(cfg.model.device))
+    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu")
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+
+    def say(msg: str) -> None:
+        if main:
+            (log or tqdm.write)(msg)
+
+    resume_from = ckpt.resolve_resume(resume, run_dir) if resume not in (None, False) else None
+    if resume_from is None and main and ckpt.list_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
+                        "or choose another output_dir")
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    model, processor, state = loaded.model, loaded.processor, loaded.adapters
+    problems = check_plan(model)
+    if problems:
+        raise UserError("refusing to train: " + "; ".join(problems[:5]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("refusing to train: no parameter requires grad (check adapter.mode/adapter.trainable)")
+    n_trainable = sum(p.numel() for p in params)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
+                                      audio_token=processor.audio_token, seed=cfg.seed)
+    if not examples:
+        raise UserError(f"no training examples in split {cfg.data.train_split!r}: {report}")
+    collator = Collator(processor, padding_side=tc.padding_side)
+    lengths = [estimate_length(ex) for ex in examples]
+    n_batches = math.ceil(len(examples) / tc.batch_size)
+    spe = steps_per_epoch(n_batches, world, tc.grad_accum)
+    if spe == 0:
+        raise UserError(f"{len(examples)} examples make {n_batches} batches, fewer than processes x grad_accum "
+                        f"({world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum")
+    total_steps = math.ceil(tc.epochs * spe)
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    n_epochs = math.ceil(total_steps / spe)
+
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    # The scheduler is not prepared: accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    peft = accelerator.unwrap_model(model)
+
+    epoch0, step0, global_step = 0, 0, 0
+    if resume_from is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        st = ckpt.load_training_state(resume_from)
+        adapter = resume_from / ckpt.ADAPTER_DIR
+        set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
+                                  adapter_name=state.trainable_adapter)
+        load_extra_modules(peft, adapter)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(st["scaler"])
+        epoch0, step0, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+        ckpt.load_rng(resume_from, rank)
+        say(f"resumed from {resume_from} (epoch {epoch0}, step {global_step})")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = run_dir / "metrics.jsonl"
+    if main:
+        dump_config(cfg, run_dir / "config.yaml")
+        if resume_from is None:
+            metrics_file.write_text("")
+        else:  # drop lines logged after the checkpoint we resume from
+            kept = [ln for ln in metrics_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= global_step]
+            metrics_file.write_text("".join(k + "\n" for k in kept))
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
+        f"{world} process(es), precision {loaded.plan.name}, trainable {n_trainable:,} params "
+        f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
+    for note in report.problems[:5]:
+        say(f"data: skipped {note}")
+
+    def record(row: dict) -> None:
+        if main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    last_ckpt: Path | None = resume_from
+
+    def save_checkpoint(epoch: int, step_in_epoch: int) -> Path:
+        final = run_dir / "checkpoints" / ckpt.checkpoint_name(global_step)
+        tmp = ckpt.temp_dir_for(final)
+        if main:
+            ckpt.begin_atomic_dir(final)
+        accelerator.wait_for_everyone()
+        ckpt.save_rng(tmp, rank)
+        accelerator.wait_for_everyone()
+        if main:
+            save_trained(peft, state, tmp / ckpt.ADAPTER_DIR)
+            torch.save({
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "world_size": world, "config": cfg.model_dump(mode="json"),
+            }, tmp / ckpt.STATE_FILE)
+            ckpt.finish_atomic_dir(tmp, final)
+        accelerator.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------ train
+    model.train()
+    losses: list[float] = []
+    eval_rows: list[dict] = []
+    n_examples = n_tokens = 0
+    t_loop = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not (main and progress),
+               dynamic_ncols=True)
+    for epoch in range(epoch0, n_epochs):
+        plan = batch_plan(lengths, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
+        first = step0 if epoch == epoch0 else 0
+        last = min(spe, first + total_steps - global_step)
+        mine = [b for s in range(first, last) for b in rank_batches(plan, s, world, rank, tc.grad_accum)]
+        loader = torch.utils.data.DataLoader(_MicroBatches(examples, mine, collator), batch_size=None,
+                                             num_workers=tc.num_workers, collate_fn=lambda b: b)
+        it = iter(loader)
+        for s in range(first, last):
+            n_micro = len(rank_batches(plan, s, world, rank, tc.grad_accum))
+            micro = [_to_device(next(it), accelerator.device) for _ in range(n_micro)]
+            ids = [i for b in micro for i in b["example_ids"]]
+            n_local = sum(loss_mod.count_label_tokens(b["labels"]) for b in micro)
+            n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum"))
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for j, b in enumerate(micro):
+                sync = nullcontext() if j == n_micro - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    part, _ = loss_mod.answer_loss_sum(model, b)
+                    # DDP averages gradients over processes; * world undoes that.
+                    accelerator.backward(part / max(n_total, 1) * world)
+                loss_sum += part.detach().float()
+            step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_total, 1)
+            if not math.isfinite(step_loss):
+                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                raise TrainingDiverged(
+                    f"loss is {step_loss} at step {global_step + 1} (epoch {epoch}); examples in this step: "
+                    f"{', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}; {where}. Lower train.lr, "
+                    "check these samples, or use another precision")
+            grad_norm = None
+            if tc.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+
+            step_examples = int(accelerator.reduce(torch.tensor(sum(len(b["example_ids"]) for b in micro),
+                                                                device=accelerator.device), "sum"))
+            step_tokens = int(accelerator.reduce(sum(b["attention_mask"].sum() for b in micro), "sum"))
+            n_examples += step_examples
+            n_tokens += step_tokens
+            elapsed = time.perf_counter() - t_loop
+            losses.append(step_loss)
+            row = {"type": "train", "step": global_step, "epoch": epoch + (s + 1) / spe, "loss": step_loss,
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "label_tokens": n_total,
+                   "examples_per_s": n_examples / elapsed, "tokens_per_s": n_tokens / elapsed}
+            record(row)
+            if writer is not None:
+                for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s"):
+                    if row[k] is not None:
+                        writer.add_scalar(f"train/{k}", row[k], global_step)
+            bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
+            bar.update(1)
+            if global_step % tc.log_every_steps == 0 or global_step == total_steps:
+                say(f"step {global_step}/{total_steps} epoch {row['epoch']:.2f} loss {step_loss:.4f} "
+                    f"lr {row['lr']:.2e} {row['examples_per_s']:.2f} ex/s {row['tokens_per_s']:.0f} tok/s")
+            if tc.save_every_steps and global_step % tc.save_every_steps == 0:
+                last_ckpt = save_checkpoint(epoch, s + 1)
+                say(f"checkpoint {last_ckpt}")
+
+        epoch_done = last == spe
+        if epoch_done:
+            if not (tc.save_every_steps and global_step % tc.save_every_steps == 0):
+                last_ckpt = save_checkpoint(epoch + 1, 0)
+                say(f"checkpoint {last_ckpt} (end of epoch {epoch + 1})")
+            if evaluate_fn is not None and cfg.eval.during_training:
+                if main:
+                    model.eval()
+                    with torch.no_grad():
+                        result = dict(evaluate_fn(peft, processor, epoch + 1))
+                    model.train()
+                    erow = {"type": "eval", "step": global_step, "epoch": epoch + 1, **result}
+                    eval_rows.append(erow)
+                    record(erow)
+                    if writer is not None:
+                        for k, v in result.items():
+                            if isinstance(v, (int, float)):
+                                writer.add_scalar(f"eval/{k}", v, global_step)
+                    say(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                              for k, v in result.items()))
+                accelerator.wait_for_everyone()
+        if global_step >= total_steps:
+            break
+    bar.close()
+
+    # ------------------------------------------------------------------ cleanup
+    adapter_dir = run_dir / "adapter"
+    if main:
+        ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp))
+    accelerator.wait_for_everyone()
+    wall = time.perf_counter() - t_start
+    loop_s = time.perf_counter() - t_loop
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir), "adapter_dir": str(adapter_dir), "steps": global_step, "total_steps": total_steps,
+        "epochs": global_step / spe, "processes": world, "precision": loaded.plan.name,
+        "trainable_params": n_trainable, "train_examples": len(examples),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "examples_per_s": n_examples / loop_s if loop_s > 0 else None,
+        "tokens_per_s": n_tokens / loop_s if loop_s > 0 else None,
+        "wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "resumed_from": str(resume_from) if resume_from else None,
+        "last_checkpoint": str(last_ckpt) if last_ckpt else None, "eval": eval_rows[-1] if eval_rows else None,
+    }
+    if main:
+        if writer is not None:
+            writer.close()
+        summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in summary.items() if k != "eval"))
+    accelerator.end_training()
+    return TrainResult(run_dir, adapter_dir, summary, losses)
+
+
+__all__ = ["EvaluateFn", "TrainResult", "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]
+
