@@ -1,0 +1,150 @@
+"""Score recordings of a known sentence: the four APA scores plus phone-level feedback.
+
+Both tasks run on each recording (the APA prompt and the MDD prompt, from the same
+instruction files training used), in one batched generation. The MDD phone transcript is
+aligned against the sentence's CMUdict phones (:func:`~phi4mm_lora.evaluate.align.find_mispronunciations`)
+to list mispronounced phones per word. Words CMUdict lacks are reported even when the model's
+answer does not parse, because the user needs to know those words were never checked.
+
+Every input problem (missing or undecodable audio, empty sentence) is a
+:class:`~phi4mm_lora.errors.UserError` raised *before* the model is loaded, so a typo
+costs nothing. A model answer that does not parse is not an error: its fields are ``None``
+and the parse error is reported next to the raw answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from phi4mm_lora.config import RunConfig
+from phi4mm_lora.data.audio import load_audio
+from phi4mm_lora.data.examples import Example
+from phi4mm_lora.data.prompts import load_instruction, user_prompt
+from phi4mm_lora.errors import UserError
+from phi4mm_lora.evaluate.align import canonical_words, feedback_from_answer
+from phi4mm_lora.evaluate.generate import Generation, generate_all
+from phi4mm_lora.evaluate.parse import APA_KEYS, parse_apa
+
+TASKS = ("apa", "mdd")
+
+
+def check_inputs(audio_paths: list[str | Path], text: str | None) -> list[Path]:
+    """Every problem with the inputs at once, as one UserError; the decoded-ok paths otherwise."""
+    problems = []
+    if not text or not text.strip():
+        problems.append("--text is required: the sentence the speaker read (e.g. --text \"we call it bear\")")
+    if not audio_paths:
+        problems.append("no audio file given")
+    paths = [Path(p).expanduser() for p in audio_paths]
+    for p in paths:
+        try:
+            load_audio(p)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("; ".join(problems))
+    return paths
+
+
+def score_examples(cfg: RunConfig, paths: list[Path], text: str, audio_token: str) -> list[Example]:
+    """An APA and an MDD example per recording (ids ``<n>:apa``, ``<n>:mdd``)."""
+    examples = []
+    for n, p in enumerate(paths):
+        for task in TASKS:
+            prompt = user_prompt(task, load_instruction(task, cfg.prompts), audio_token, text)
+            examples.append(Example(id=f"{n}:{task}", utt_id=str(n), task=task, audio_path=str(p),
+                                    image_path=None, prompt=prompt, answer="", split="score",
+                                    speaker=None, duration=None))
+    return examples
+
+
+def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
+             errors: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The score command's result for one recording, from the two raw answers.
+
+    Kept separate from generation so the formatting can be tested with given answers.
+    """
+    errors = errors or {}
+    apa = parse_apa(apa_raw)
+    scores = {k: (apa.value or {}).get(k) if apa.ok else None for k in APA_KEYS}
+    mdd_res, report = feedback_from_answer(text, mdd_raw)
+    words = canonical_words(text)
+    out: dict[str, Any] = {
+        "audio": audio,
+        "text": text,
+        "scores": scores,
+        "apa_raw": apa_raw,
+        "apa_error": errors.get("apa") or (None if apa.ok else apa.error),
+        "word_transcript": mdd_res.value.get("word_transcript") if mdd_res.ok and mdd_res.value else None,
+        "phoneme_transcript": mdd_res.value.get("phoneme_transcript") if mdd_res.ok and mdd_res.value else None,
+        "mdd_raw": mdd_raw,
+        "mdd_error": errors.get("mdd") or (None if mdd_res.ok else mdd_res.error),
+        "expected": [{"word": w.word, "phones": w.phones} for w in words],
+        "oov": [w.word for w in words if w.phones is None],
+        "mispronunciations": None,
+        "phone_error_rate": None,
+    }
+    if report is not None:
+        d = report.to_dict()
+        out["mispronunciations"] = d["issues"]
+        out["phone_error_rate"] = d["phone_error_rate"]
+        out["expected"] = d["expected"]
+        out["oov"] = d["oov"]
+    return out
+
+
+def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
+          progress: bool = False) -> list[dict[str, Any]]:
+    """Score each recording against ``text``; one :func:`feedback` dict per recording."""
+    paths = check_inputs(audio_paths, text)
+    assert text is not None
+    if loaded is None:
+        from phi4mm_lora.model.load import load_model
+
+        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    examples = score_examples(cfg, paths, text.strip(), loaded.processor.audio_token)
+    gens: dict[str, Generation] = {
+        g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+                                      max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
+    }
+    out = []
+    for n, p in enumerate(paths):
+        apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
+        out.append(feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}))
+    return out
+
+
+def render(result: dict[str, Any]) -> list[Any]:
+    """Rich renderables for one recording: scores, transcripts, mispronounced phones."""
+    from rich.table import Table
+
+    head = Table(title=f"{result['audio']}", show_header=True)
+    for col in ("accuracy", "fluency", "prosodic", "total"):
+        head.add_column(col, justify="right")
+    head.add_row(*("-" if result["scores"][k] is None else str(result["scores"][k]) for k in APA_KEYS))
+    tx = Table(show_header=False, title="transcripts")
+    if result["apa_error"]:
+        tx.add_row("APA answer", f"not parsed: {result['apa_error']} (raw: {result['apa_raw'][:80]!r})")
+    tx.add_row("sentence", result["text"])
+    tx.add_row("words heard", result["word_transcript"] or "-")
+    tx.add_row("phones heard", result["phoneme_transcript"] or "-")
+    expected = " | ".join(f"{e['word']}: {' '.join(e['phones']) if e['phones'] else '(not in CMUdict)'}"
+                          for e in result["expected"])
+    tx.add_row("phones expected", expected)
+    if result["mdd_error"]:
+        tx.add_row("MDD answer", f"not parsed: {result['mdd_error']} (raw: {result['mdd_raw'][:80]!r})")
+    parts: list[Any] = [head, tx]
+    issues = result["mispronunciations"]
+    if issues is not None:
+        t = Table(title="mispronounced phones")
+        for col in ("word", "phone #", "kind", "expected", "heard"):
+            t.add_column(col)
+        for it in issues:
+            t.add_row(it["word"], str(it["position"] + 1), it["kind"], it["expected"] or "-", it["heard"] or "-")
+        per = result["phone_error_rate"]
+        t.caption = f"{len(issues)} issue(s)" + (f", phone error rate {per:.1%}" if per is not None else "")
+        parts.append(t)
+    if result["oov"]:
+        parts.append(f"[yellow]not in CMUdict (not checked):[/] {', '.join(result['oov'])}")
+    return parts
