@@ -53,10 +53,14 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "mps":
-        return bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
+    """Whether ``device`` computes bf16; False when the backend cannot even be asked."""
+    try:
+        if device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device.type == "mps":
+            return bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
+    except Exception:  # no driver / no MPS backend on this build
+        return False
     return True  # CPU computes bf16 (slowly); auto still prefers fp32 there
 
 
@@ -184,7 +188,8 @@ def resolve_plan(precision: str, device: torch.device) -> PrecisionPlan:
         else:
             precision = "fp32"
             notes.append(f"precision auto: no CUDA GPU ({device.type}), using fp32")
-        warnings.warn(notes[-1], PrecisionFallback, stacklevel=2)
+        if notes:
+            warnings.warn(notes[-1], PrecisionFallback, stacklevel=2)
     if precision not in PLANS:
         raise UserError(f"unknown precision {precision!r}; choose one of auto, {', '.join(PLANS)}")
     ok = working_plans(device)
