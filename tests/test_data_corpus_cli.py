@@ -98,3 +98,11 @@ def test_data_stats_reports_problems(capsys: pytest.CaptureFixture[str], tmp_pat
     args = _parser().parse_args(["data", "stats", str(root), "--strict"])
     with pytest.raises(UserError, match=wav.stem):
         args.func(args)
+
+
+def test_make_corpus_without_espeak_says_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from phi4mm_lora.data.corpus import make_corpus
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on this PATH
+    with pytest.raises(UserError, match="espeak-ng is not installed"):
+        make_corpus(tmp_path / "c", 6, 0)

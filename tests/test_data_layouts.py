@@ -90,3 +90,17 @@ def test_hub_rows_without_id_or_path_get_stable_ids(tmp_path: Path) -> None:
     assert [e.id for e in ex1] == ["train-000000:apa", "train-000001:apa", "train-000002:apa"]
     assert [e.id for e in ex1] == [e.id for e in ex2]
     assert ex1[0].speaker == "0001"  # numeric speaker ids are zero-padded like the release
+
+
+def test_single_dataset_with_split_column(tmp_path: Path) -> None:
+    dd = _hub_dataset(bundled_corpus_path(), with_id=True)
+    both = datasets.concatenate_datasets([
+        dd["train"].add_column("split", ["train"] * len(dd["train"])),
+        dd["test"].add_column("split", ["test"] * len(dd["test"])),
+    ])
+    both.save_to_disk(str(tmp_path / "one"))
+    cfg = DataConfig(path=str(tmp_path / "one"), task="mdd", feature_cache=str(tmp_path / "fc"))
+    ex, rep = build_examples(cfg, PromptConfig(), "test")
+    ref, _ = build_examples(DataConfig(task="mdd"), PromptConfig(), "test")
+    assert _strip(ex) == _strip(ref) and rep.n_problems == 0
+    assert all(Path(e.audio_path).is_relative_to(tmp_path / "fc" / "extracted") for e in ex)

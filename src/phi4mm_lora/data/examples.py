@@ -31,6 +31,7 @@ from phi4mm_lora.data.speechocean import (
     Utterance,
     assign_validation,
     check_speaker_disjoint,
+    default_extract_dir,
     read_speechocean,
 )
 from phi4mm_lora.data.targets import apa_answer, mdd_answer
@@ -107,7 +108,8 @@ def build_examples(
     """Examples of one split (``train``, ``test``, ``validation``...) and what was skipped.
 
     ``task=both`` gives two examples per utterance (``<utt>:apa``, ``<utt>:mdd``). ``seed``
-    drives the speaker-level validation carve-out. Bad records are skipped and reported;
+    drives the speaker-level validation carve-out. ``extract_dir``: where embedded hub audio
+    bytes are written (default ``<feature_cache>/extracted/`` or ``~/.cache/phi4mm_lora``). Bad records are skipped and reported;
     ``data_cfg.strict`` turns any of them into a :class:`UserError`.
     """
     if data_cfg.source == "manifest":
@@ -115,6 +117,9 @@ def build_examples(
             raise UserError("data.source=manifest needs data.path pointing at a .jsonl manifest")
         return _build_manifest(data_cfg, split, audio_token, image_token, workers)
     path = Path(data_cfg.path).expanduser() if data_cfg.path else bundled_corpus_path()
+    if extract_dir is None and data_cfg.feature_cache:
+        # hub audio bytes go next to the features the user already set aside disk for
+        extract_dir = Path(data_cfg.feature_cache).expanduser() / "extracted" / default_extract_dir(path).name
     src = read_speechocean(path, extract_dir)
     assign_validation(src.utterances, data_cfg.validation_fraction, seed, data_cfg.train_split)
     check_speaker_disjoint(src.utterances)

@@ -197,14 +197,17 @@ def is_hub_dir(path: Path) -> bool:
 
 
 def _iter_arrow_batches_disk(path: Path) -> Iterator[tuple[str, object]]:
-    """(split, pyarrow RecordBatch) from a save_to_disk folder, never decoding audio."""
+    """(split, pyarrow RecordBatch) from a save_to_disk folder, never decoding audio.
+
+    A single saved ``Dataset`` (no split dict) is ``train`` unless rows carry a ``split`` column.
+    """
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises several types for a broken folder
         raise UserError(f"{path} is not a readable datasets save_to_disk folder ({exc})") from None
-    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(path.name, ds)]
+    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [("train", ds)]
     for split, d in parts:
         yield from ((split, b) for b in d.data.table.to_batches(max_chunksize=256))
 
@@ -267,6 +270,8 @@ def read_hub(path: Path, extract_dir: Path | None = None) -> SourceData:
         if "audio" not in cols or "words" not in cols:
             raise UserError(f"{path}: split {split} lacks the audio/words columns of mispeech/speechocean762")
         for row in batch.to_pylist():  # type: ignore[attr-defined]
+            if row.get("split"):  # an explicit split column wins over the folder/file name
+                split = str(row["split"])
             i = counters.get(split, 0)
             counters[split] = i + 1
             utt = _stable_id(row, split, i)
