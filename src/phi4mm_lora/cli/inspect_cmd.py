@@ -4,7 +4,7 @@ Without ``--architecture-only`` the model is loaded exactly as training would lo
 (``load_model``) and described by :func:`phi4mm_lora.model.report.model_report`. With it, no
 weights are read: the full-size 5.6B architecture is built on the meta device and the bytes
 of weights, gradients and optimizer state are computed for the chosen plan, with a one-line
-comparison of all six plans.
+comparison of all six plans when no ``--precision`` is given.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "adapter, quantised modules, and warnings (LoRA frozen or quantised, nothing trainable, all-zero "
         "adapter, pretrained adapter discarded). --architecture-only builds the full-size 5.6B model on the "
         "meta device instead (no download, a few seconds) and prints weight, gradient and optimizer bytes for "
-        "the plan and for all six plans. Examples: phi4mm-lora inspect --precision nf4 adapter.mode=stacked; "
+        "the plan (for all six plans when --precision is left out). Examples: phi4mm-lora inspect --precision nf4 adapter.mode=stacked; "
         "phi4mm-lora inspect --architecture-only --precision selective --json plan.json",
     )
     add_run_args(p)
@@ -65,11 +65,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def architecture_with_plans(precision: str, adapter_cfg) -> dict[str, Any]:
-    """The chosen plan's full report plus a summary line for each of the six plans."""
+    """The chosen plan's full report; with ``auto`` (no --precision) also a summary of all six
+    plans (bf16 details, as auto picks bf16 on a bf16 GPU)."""
     from phi4mm_lora.model.report import architecture_report
 
     chosen = "bf16" if precision == "auto" else precision
     report = architecture_report(chosen, adapter_cfg)
+    if precision != "auto":
+        return report
     plans = {}
     for name in PRECISIONS:
         r = report if name == chosen else architecture_report(name, adapter_cfg)
