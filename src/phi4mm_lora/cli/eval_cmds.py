@@ -152,7 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     compare = load_results(Path(args.compare)) if args.compare else None  # fail before loading the model
     out = Path(args.output or cfg.output_dir)
     results = evaluate(cfg, split=args.split, limit=args.limit, output_dir=out, compare=compare,
-                       name=Path(args.adapter).name if args.adapter else "this run", progress=not args.no_progress)
+                       name=Path(args.adapter).name if args.adapter else "this run", progress=not args.no_progress,
+                       compare_name=_name(args.compare))
     if args.compare:
         results["meta"]["compare"] = str(args.compare)
     if args.json:

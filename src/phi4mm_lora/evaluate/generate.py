@@ -114,6 +114,46 @@ def _device_of(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _inner(model: torch.nn.Module) -> Any:
+    """The ``Phi4MultimodalModel`` under a PEFT wrapper / causal-LM head (None if absent)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    return inner if hasattr(inner, "embed_tokens_extend") else None
+
+
+def _row_embeds(model: torch.nn.Module, processor: Any, examples: Sequence[Example],
+                audio: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, inputs_embeds, attention_mask)``, each row embedded alone.
+
+    The audio encoder is run on one recording at a time because, batched, its output for a
+    shorter recording depends on the padding added for the longest one (measured ~1e-2 on
+    the merged embeddings): scores would then depend on the batch size. The decoder runs
+    batched on the left-padded embeddings, which is where the time goes.
+    """
+    inner = _inner(model)
+    rows_ids, rows_emb = [], []
+    for ex in examples:
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(processor, [ex], audio).items()}
+        ids = b.pop("input_ids")
+        b.pop("attention_mask", None)
+        emb = inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **b)
+        rows_ids.append(ids[0])
+        rows_emb.append(emb[0])
+    longest = max(len(r) for r in rows_ids)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else EOS_ID
+    pad_emb = inner.embed_tokens(torch.tensor([pad], device=device))[0]
+    ids = torch.full((len(rows_ids), longest), pad, dtype=rows_ids[0].dtype, device=device)
+    emb = pad_emb.expand(len(rows_ids), longest, -1).clone()
+    mask = torch.zeros(len(rows_ids), longest, dtype=torch.long, device=device)
+    for i, (r_ids, r_emb) in enumerate(zip(rows_ids, rows_emb, strict=True)):
+        n = len(r_ids)
+        ids[i, longest - n:] = r_ids
+        emb[i, longest - n:] = r_emb
+        mask[i, longest - n:] = 1
+    return ids, emb, mask
+
+
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -126,21 +166,25 @@ def generate_batch(
     if audio is None:
         audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
     tok = processor.tokenizer
-    batch = _inputs(processor, examples, audio)
     device = _device_of(model)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if _inner(model) is not None:
+        ids, emb, mask = _row_embeds(model, processor, examples, audio, device)
+        batch: dict[str, Any] = {"input_ids": ids, "inputs_embeds": emb, "attention_mask": mask}
+    else:  # not a Phi-4-multimodal: let the processor batch everything
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(processor, examples, audio).items()}
     stops = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
     out = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         eos_token_id=stops, pad_token_id=pad, use_cache=True,
     )
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    prompt_len = batch["input_ids"].shape[1]
+    new = (out[:, prompt_len:] if out.shape[1] > prompt_len else out).tolist()
     gens = []
     stop_set = set(stops)
-    for ex, ids in zip(examples, new, strict=True):
-        cut = next((i for i, t in enumerate(ids) if t in stop_set), None)
-        kept = ids if cut is None else ids[:cut]
+    for ex, row in zip(examples, new, strict=True):
+        cut = next((i for i, t in enumerate(row) if t in stop_set), None)
+        kept = row if cut is None else row[:cut]
         gens.append(Generation(ex.id, ex.task, tok.decode(kept, skip_special_tokens=False),
                                len(kept) + (cut is not None), cut is not None))
     return gens

@@ -122,6 +122,7 @@ def evaluate(
     compare: str | Path | dict[str, Any] | None = None,
     name: str = "this run",
     progress: bool = True,
+    compare_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on ``split`` (default ``cfg.data.eval_split``); write the report; return results.
 
@@ -160,7 +161,7 @@ def evaluate(
     dump_config(cfg, out / "config.yaml")
     (out / "run.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     paths = write_report(results, records, out, compare=baseline,
-                         compare_name=_compare_name(compare), name=name)
+                         compare_name=compare_name or _compare_name(compare), name=name)
     with paths["report"].open("a", encoding="utf-8") as fh:
         fh.write("\n" + "\n".join(_run_section(meta)) + "\n")
     return {**results, "meta": meta}
