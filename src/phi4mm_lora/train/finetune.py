@@ -152,7 +152,7 @@ def train(
 
     from phi4mm_lora.data.examples import build_examples
     from phi4mm_lora.model.adapters import load_extra_modules, save_trained
-    from phi4mm_lora.model.load import load_model
+    from phi4mm_lora.model.load import load_model, resolve_path
     from phi4mm_lora.model.precision import check_plan, pick_device, resolve_plan
 
     t_start = time.perf_counter()
@@ -172,6 +172,7 @@ def train(
     if resume_from is None and main and ckpt.list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
                         "or choose another output_dir")
+    resolve_path(cfg.model)  # builds the tiny model on first use; that draws random numbers, so before seeding
     set_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
     model, processor, state = loaded.model, loaded.processor, loaded.adapters
