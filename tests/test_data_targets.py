@@ -45,12 +45,15 @@ def test_mdd_applies_substitutions_unk_and_missing_key(tmp_path: Path) -> None:
     assert "completeness" not in a["u1:apa"]
 
 
-def test_deletions_are_left_out() -> None:
+def test_deletions_are_left_out_and_distortions_are_unk() -> None:
     w = parse_word({"text": "THE", "phones": ["DH", "AH0"],
                     "mispronunciations": [{"canonical-phone": "DH", "index": 0, "pronounced-phone": "<del>"}]}, "t")
     w2 = parse_word({"text": "CAT", "phones": ["K", "AE1", "T"],
                      "mispronunciations": [{"canonical-phone": "T", "index": 2, "pronounced-phone": ""}]}, "t")
-    assert json.loads(mdd_answer([w, w2]))["phoneme_transcript"] == "AH K AE"
+    w3 = parse_word({"text": "BED", "phones": ["B", "EH1", "D"],
+                     "mispronunciations": [{"canonical-phone": "D", "index": 2, "pronounced-phone": "<DEL>"},
+                                           {"canonical-phone": "EH1", "index": 1, "pronounced-phone": "AE*"}]}, "t")
+    assert json.loads(mdd_answer([w, w2, w3]))["phoneme_transcript"] == "AH K AE B <unk>"
 
 
 def test_answer_is_one_line_json_in_paper_key_order() -> None:

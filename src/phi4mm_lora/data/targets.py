@@ -8,9 +8,16 @@ substitutions applied (``mispronunciations[].index`` indexes the word's phone li
 ``pronounced-phone`` replaces ``canonical-phone``), stress digits removed, ``<unk>`` kept,
 phones and words separated by single spaces.
 
-Deletions: Speechocean762 annotates substitutions only, but a pronounced phone that is empty
-or one of :data:`DELETION_MARKS` (``<del>``, ``<DEL>``, ``-``, ...) is treated as a deletion:
-the phone is left out of the transcript. Answers are one-line JSON with the key order above.
+Special pronounced-phone values (the release's README documents substitutions; copies of
+the data are reported to also hold the following, so they are handled explicitly):
+
+* deletion: empty, or one of :data:`DELETION_MARKS` (``<del>``/``<DEL>``, ``-`` ...; case
+  ignored): the phone is left out of the transcript;
+* distortion: a symbol containing ``*`` (e.g. ``AH*``, "like AH but distorted"): written as
+  ``<unk>``, the paper's symbol for an unclear sound, so targets stay within ARPAbet + ``<unk>``;
+* ``<unk>`` in any case: kept as ``<unk>``.
+
+Answers are one-line JSON with the key order above.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 #: Pronounced-phone values that mean "this phone was not said at all".
-DELETION_MARKS = frozenset({"", "<del>", "<DEL>", "<deletion>", "DEL", "-", "<sil>", "sil"})
+DELETION_MARKS = frozenset({"", "<del>", "<deletion>", "del", "-", "<sil>", "sil"})
 UNK = "<unk>"
 _STRESS = re.compile(r"(?<=[A-Za-z])[0-9]$")
 
@@ -61,7 +68,7 @@ def strip_stress(phone: str) -> str:
 def normalise_phone(phone: str) -> str:
     """Stress removed; ``<UNK>``/``<unk>`` spelled ``<unk>``; ARPAbet upper-cased."""
     p = strip_stress(phone)
-    if p.lower() == UNK:
+    if p.lower() == UNK or "*" in p:
         return UNK
     return p if p.startswith("<") else p.upper()
 
@@ -121,7 +128,7 @@ def pronounced_phones(word: Word) -> list[str]:
     out = [normalise_phone(p) for p in word.phones]
     deleted: set[int] = set()
     for m in word.mispronunciations or []:
-        if m.pronounced in DELETION_MARKS:
+        if m.pronounced.strip().lower() in DELETION_MARKS:
             deleted.add(m.index)
         else:
             out[m.index] = normalise_phone(m.pronounced)
