@@ -66,6 +66,7 @@ def test_wav_scp_without_scores_and_scores_without_audio(tmp_path: Path) -> None
     ex, rep = _build(root)
     assert len(ex) == 6
     assert rep.counts() == {"no_scores": 1, "no_audio": 1}
+    assert rep.n_utterances == 4 and "6 examples used from 4 records, 2 record(s) skipped" in rep.summary()
     assert "noscore" in rep.summary() and "orphan" in rep.summary()
     with pytest.raises(UserError, match="strict mode"):
         _build(root, strict=True)

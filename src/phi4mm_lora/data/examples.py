@@ -89,7 +89,14 @@ def _check_audio(
 
 
 def _problems_for(split: str, problems: list[tuple[str | None, Problem]], report: DataReport) -> None:
+    """Attach read-time problems of this split (and split-less ones, e.g. scores without audio).
+
+    Records of this split that failed to parse count as records seen, so the summary's
+    "N examples used from M records" adds up.
+    """
     for s, p in problems:
+        if s == split:
+            report.n_utterances += 1
         if s is None or s == split:
             report.problems.append(p)
 
