@@ -288,3 +288,37 @@ def test_bf16_load_never_goes_through_fp32(tiny_native, tiny_official, monkeypat
         assert decoder and all(p.dtype == torch.bfloat16 for p in decoder)
     assert seen["dtype"] == torch.bfloat16
     assert seen["official_dtype"] == torch.bfloat16 and seen["official_base_dtypes"] == {torch.bfloat16}
+
+
+def test_bf16_load_allocates_no_large_fp32_tensor(tiny_native, tiny_official):
+    """Every op run while loading is watched: a model materialised in fp32 first would create
+    the 200064 x 64 fp32 embedding (12.8M values). In bf16 no op may produce a >= 1M-value fp32
+    tensor, except views of the bytes read from an fp32 file (official layout: the tensor is
+    read, viewed as fp32 and cast right away, one tensor at a time - no new fp32 storage).
+    Meta tensors (the skeleton the weights are assigned into) hold no memory and are ignored."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.dtype == torch.float32 and t.numel() >= 1_000_000:
+                    self.big.append(str(func))
+            return out
+
+    aliasing = ("aten.view.", "aten.detach.", "aten._unsafe_view.", "aten.alias.")
+    for path, allowed in ((tiny_native, ()), (tiny_official, aliasing)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Watch() as w:
+                load_model(ModelConfig(path=str(path), device="cpu"), "bf16", AdapterConfig())
+        assert [f for f in w.big if not f.startswith(allowed) or not allowed] == [], path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Watch() as w:  # the check does see fp32 when the plan is fp32
+            load_model(ModelConfig(path=str(tiny_native), device="cpu"), "fp32", AdapterConfig())
+    assert w.big
