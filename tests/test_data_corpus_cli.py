@@ -106,3 +106,17 @@ def test_make_corpus_without_espeak_says_to_install(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng on this PATH
     with pytest.raises(UserError, match="espeak-ng is not installed"):
         make_corpus(tmp_path / "c", 6, 0)
+
+
+def test_data_stats_on_a_manifest(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    clip = next((bundled_corpus_path() / "WAVE").rglob("*.flac"))
+    lines = [json.dumps({"audio": str(clip), "prompt": "Say it.", "answer": "ok", "split": s}) for s in
+             ("train", "train", "test")] + ["oops"]
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(lines))
+    args = _parser().parse_args(["data", "stats", str(m)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "split train: 2 utterances, examples: manifest 2" in out
+    assert "split test: 1 utterances, examples: manifest 1" in out
+    assert "manifest: 1" in out and "line 4" in out

@@ -75,6 +75,14 @@ class DataReport:
     def __str__(self) -> str:
         return self.summary()
 
+    def to_dict(self) -> dict:
+        """JSON-ready form, for writing next to a run's outputs."""
+        return {
+            "source": self.source, "split": self.split, "n_utterances": self.n_utterances,
+            "n_examples": self.n_examples, "counts": self.counts(),
+            "problems": [{"kind": p.kind, "item": p.item, "detail": p.detail} for p in self.problems],
+        }
+
     def raise_if_strict(self, strict: bool) -> None:
         """In strict mode any problem is fatal; the error lists them so all can be fixed at once."""
         if strict and self.problems:
