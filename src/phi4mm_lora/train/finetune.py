@@ -285,7 +285,10 @@ def train(
         last = min(spe, first + total_steps - global_step)
         mine = [b for s in range(first, last) for b in rank_batches(plan, s, world, rank, tc.grad_accum)]
         loader = torch.utils.data.DataLoader(_MicroBatches(examples, mine, collator), batch_size=None,
-                                             num_workers=tc.num_workers, collate_fn=lambda b: b)
+                                             num_workers=tc.num_workers, collate_fn=lambda b: b,
+                                             # own generator: iter() must not draw from the global RNG,
+                                             # or a resumed run's dropout masks would drift from the original
+                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
         it = iter(loader)
         for s in range(first, last):
             n_micro = len(rank_batches(plan, s, world, rank, tc.grad_accum))
