@@ -63,8 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, evaluate_fn=None, resume=args.resume, progress=not args.no_progress)
-    print(f"adapter: {result.adapter_dir}")
-    print(f"loss curve: {result.summary.get('loss_curve')}")
+    if "loss_curve" in result.summary:  # only the main process writes (and reports) the run files
+        print(f"adapter: {result.adapter_dir}")
+        print(f"loss curve: {result.summary['loss_curve']}")
     return 0
 
 
