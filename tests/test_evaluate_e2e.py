@@ -160,3 +160,24 @@ def test_evaluate_bad_adapter_and_compare(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--compare", str(tmp_path / "nothing.json"), "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_run_with_epoch_eval_then_evaluate(tmp_path: Path, tiny_native: Path, capsys) -> None:
+    """The trainer's contract: evaluate_fn after the epoch is logged; the run folder evaluates."""
+    from phi4mm_lora.train.finetune import train
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"model.path={tiny_native}", f"output_dir={run}", "data.limit=2", "train.epochs=1",
+                             "train.batch_size=2", "train.grad_accum=1", "train.lr=1e-3", "eval.subset=2",
+                             "adapter.mode=fresh", "adapter.r=4", "train.gradient_checkpointing=false", *SMALL])
+    train(cfg, evaluate_fn=make_epoch_evaluator(cfg), progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    assert len(evals) == 1 and evals[0]["parse_failures"] == 4 and "total_pcc" in evals[0]
+    assert (run / "eval" / "epoch-1" / "report.md").is_file()
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(tiny_native), "--adapter", str(run), "--limit", "2",
+                 "--output", str(out), "--no-progress", *SMALL]) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["adapter"] == str(run / "adapter") and meta["adapter_mode"] == "fresh"
+    capsys.readouterr()
