@@ -322,3 +322,19 @@ def test_bf16_load_allocates_no_large_fp32_tensor(tiny_native, tiny_official):
         with Watch() as w:  # the check does see fp32 when the plan is fp32
             load_model(ModelConfig(path=str(tiny_native), device="cpu"), "fp32", AdapterConfig())
     assert w.big
+
+
+def test_nf4_never_quantises_an_unfrozen_vision_tower(tiny_native):
+    """trainable=vision unfreezes the vision tower and projector: nf4 must leave them in float."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_model(ModelConfig(path=str(tiny_native), device="cpu"), "nf4", AdapterConfig(trainable="vision"))
+    with torch.device("meta"):
+        plain = Phi4MultimodalForCausalLM(CFG)
+    audio_linears = sum(1 for n, m in plain.named_modules() if type(m) is torch.nn.Linear and n.startswith(AUDIO_TOWER))
+    quantised = P.quantised_modules(loaded.model)
+    assert len(quantised) == CFG.num_hidden_layers * 4 + audio_linears
+    assert not [n for n in quantised if n.startswith(VISION_TOWER) or ".lora_" in n]
+    vision = [p for n, p in loaded.model.named_parameters() if VISION_TOWER in n]
+    assert vision and all(p.requires_grad and p.is_floating_point() for p in vision)
+    assert P.check_plan(loaded.model) == []

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = run_config(args)
+    if not console.is_terminal:  # piped/logged: do not squeeze the tables into 80 columns
+        console.width = max(console.width, 150)
     if args.json is not None and args.json.exists() and args.json.is_dir():
         raise UserError(f"--json {args.json} is a folder; pass a file path such as report.json")
     if args.architecture_only:
