@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from phi4mm_lora.model.load import load_model
         from phi4mm_lora.model.report import model_report
 
-        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+        with warnings.catch_warnings():  # the report repeats them (adapter notes, plan fallback)
+            warnings.simplefilter("ignore")
+            loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
         report = model_report(loaded)
         print_model(report)
     if args.json is not None:
@@ -94,7 +97,12 @@ def _n(x: int) -> str:
 
 
 def _gb(x: int) -> str:
-    return f"{x / 1e9:.2f} GB"
+    """Decimal units (GB = 10^9 bytes), switching to MB/kB for small models."""
+    if x >= 1e9:
+        return f"{x / 1e9:.2f} GB"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} MB"
+    return f"{x / 1e3:.1f} kB"
 
 
 def _dtypes(d: dict[str, int]) -> str:
@@ -142,6 +150,8 @@ def print_model(report: dict[str, Any]) -> None:
     plan = report.get("plan", {})
     console.print(f"model: {report.get('path', '?')} ({report.get('layout', '?')} layout), precision {plan.get('name', '?')} "
                   f"on {plan.get('device', '?')}", highlight=False)
+    for note in plan.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
     console.print(_component_table(report, "parameters by component"))
     console.print(_adapter_table(report))
     console.print(
