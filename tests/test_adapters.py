@@ -44,7 +44,9 @@ def _load(path, **adapter):
 
 
 def test_pretrained_mode_trains_exactly_the_speech_adapter(tiny_native):
-    tr = _trainable(_load(tiny_native))
+    loaded = _load(tiny_native)
+    assert loaded.adapters.names == ["speech"]  # the unused vision adapter is not loaded by default
+    tr = _trainable(loaded)
     assert len(tr) == N_LAYERS * DECODER_MODULES * 2
     assert all(".lora_A.speech." in n or ".lora_B.speech." in n for n in tr)
 
@@ -181,7 +183,8 @@ def test_merge_matches_unmerged_and_saves(tiny_native, tmp_path):
 def test_switching_active_adapter_changes_logits(tiny_native):
     from phi4mm_lora.model.adapters import set_active
 
-    loaded = _load(tiny_native)
+    loaded = _load(tiny_native, keep_unused=True)
+    assert loaded.adapters.names == ["speech", "vision"]
     batch = _batch(loaded.processor)
     with torch.no_grad():
         speech = loaded.model(**batch).logits

@@ -98,8 +98,8 @@ def test_official_conversion_matches_reference_logits(tiny_official):
 
 def test_converted_adapters_equal_originals_and_nonzero(tiny_official, tiny_native):
     """Same seed: the native tiny's PEFT adapters are the official file's lora tensors."""
-    off = load_model(ModelConfig(path=str(tiny_official)), "fp32", AdapterConfig())
-    nat = load_model(ModelConfig(path=str(tiny_native)), "fp32", AdapterConfig())
+    off = load_model(ModelConfig(path=str(tiny_official)), "fp32", AdapterConfig(keep_unused=True))
+    nat = load_model(ModelConfig(path=str(tiny_native)), "fp32", AdapterConfig(keep_unused=True))
     raw = {}
     with safe_open(str(tiny_official / "model.safetensors"), framework="pt") as f:
         for k in f.keys():

@@ -130,6 +130,8 @@ def _adapter_table(report: dict[str, Any]) -> Table:
         note = []
         if "r" in a:
             note.append(f"r={a['r']} alpha={a['alpha']:g}")
+        if a.get("loaded") is False:
+            note.append("in the checkpoint, not loaded (adapter.keep_unused=true loads it)")
         if a.get("lora_B_all_zero"):
             note.append("lora_B = 0")
         if a.get("quantised_modules"):

@@ -131,7 +131,7 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     else:
         order.append((base, pretrained[base][0], pretrained[base][1]))
     for other, (ocfg, oweights) in pretrained.items():
-        if other != base:
+        if other != base and cfg.keep_unused:
             order.append((other, ocfg, oweights))
     if cfg.mode == "stacked":
         order.append((cfg.name, fresh_cfg, None))

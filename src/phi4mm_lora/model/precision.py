@@ -2,18 +2,22 @@
 
 The failure users hit is a blanket 4-bit load that also quantises the LoRA layers and the
 towers they want to train, leaving nothing trainable. A plan here is explicit: it names the
-exact modules to quantise (decoder base linears, and for ``nf4`` the frozen towers too), and
-everything that trains - LoRA, unfrozen towers, projectors - is excluded by construction and
-checked again after loading (:func:`check_plan`).
+exact modules to quantise (decoder base linears, and for ``selective`` the towers that do not
+train too), and everything that trains - LoRA, unfrozen towers, projectors - is excluded by
+construction and checked again after loading (:func:`check_plan`).
 
-| plan      | decoder base linears | frozen tower linears | everything else        |
-|-----------|----------------------|----------------------|------------------------|
-| bf16      | bf16                 | bf16                 | bf16 (LoRA fp32)       |
-| fp16      | fp16 (+ loss scale)  | fp16                 | fp16 (LoRA fp32)       |
-| fp32      | fp32                 | fp32                 | fp32                   |
-| int8      | LLM.int8             | float                | float (bf16 or fp32)   |
-| nf4       | NF4 (double quant)   | NF4                  | float (bf16 or fp32)   |
-| selective | NF4 (double quant)   | bf16                 | bf16, LoRA bf16        |
+| plan      | decoder base linears | frozen tower linears | everything else                  |
+|-----------|----------------------|----------------------|----------------------------------|
+| bf16      | bf16                 | bf16                 | bf16 (LoRA fp32)                 |
+| fp16      | fp16 (+ loss scale)  | fp16                 | fp16 (LoRA fp32)                 |
+| fp32      | fp32                 | fp32                 | fp32                             |
+| int8      | LLM.int8             | float                | float (bf16 or fp32), LoRA fp32  |
+| nf4       | NF4 (double quant)   | float                | float (bf16 or fp32), LoRA fp32  |
+| selective | NF4 (double quant)   | NF4 (trained: bf16)  | bf16, LoRA bf16                  |
+
+``nf4`` is classic QLoRA on the decoder; ``selective`` is the smallest plan: every frozen
+linear in NF4, everything that trains or is tiny-but-sensitive (projectors, norms,
+embeddings/head) in bf16.
 """
 
 from __future__ import annotations
@@ -164,10 +168,10 @@ def plan_for(precision: str, device: torch.device, bf16: bool = True, notes: lis
     if precision == "int8":
         return PrecisionPlan("int8", device, half, quant="int8", notes=notes)
     if precision == "nf4":
-        return PrecisionPlan("nf4", device, half, quant="nf4", quantise_towers=True, notes=notes)
+        return PrecisionPlan("nf4", device, half, quant="nf4", notes=notes)
     if precision == "selective":
         keep = torch.bfloat16 if bf16 else torch.float32
-        return PrecisionPlan("selective", device, keep, quant="nf4", lora_dtype=keep, notes=notes)
+        return PrecisionPlan("selective", device, keep, quant="nf4", quantise_towers=True, lora_dtype=keep, notes=notes)
     raise UserError(f"unknown precision {precision!r}; choose one of auto, {', '.join(PLANS)}")
 
 

@@ -359,9 +359,12 @@ def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[s
     pretrained = {
         k: (lora_config_from_spec({**spec, "layer": DECODER_LORA_REGEX}), None) for k, spec in FULL_SIZE_ADAPTERS.items()
     }
+    # Counts describe the whole checkpoint (both adapters); bytes describe what this config
+    # loads (the unused pretrained adapter is skipped unless adapter.keep_unused).
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # the notes come back in state.warnings
-        peft, state = attach_adapters(base, adapter_cfg, pretrained, lora_dtype=plan.lora_dtype)
+        peft, state = attach_adapters(base, adapter_cfg.model_copy(update={"keep_unused": True}), pretrained, lora_dtype=plan.lora_dtype)
+    loaded_adapters = set(state.active) | {state.trainable_adapter} | (set(state.names) if adapter_cfg.keep_unused else set())
 
     components = {c: _empty_component() for c in COMPONENTS}
     adapters: dict[str, dict[str, Any]] = {}
@@ -375,13 +378,15 @@ def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[s
         else:
             dtype = str(p.dtype).replace("torch.", "")
             b = n * p.element_size()
+        m = _LORA.search(pname)
         total += n
+        if m and m[1] not in loaded_adapters:
+            b = 0  # in the checkpoint, not loaded by this config
         weight_b += b
         if p.requires_grad:
             trainable += n
             grad_b += n * p.element_size()
             opt_b += optimizer_bytes(n, p.dtype)
-        m = _LORA.search(pname)
         if m:
             a = adapters.setdefault(m[1], {"tensors": 0, "params": 0, "trainable_params": 0, "dtypes": {}, "bytes": 0})
             a["tensors"] += 1
@@ -402,6 +407,7 @@ def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[s
     for k, a in adapters.items():
         a["trainable"] = a["trainable_params"] > 0
         a["active"] = k in state.active
+        a["loaded"] = k in loaded_adapters
         src = FULL_SIZE_ADAPTERS.get(k) if (k != state.trainable_adapter or adapter_cfg.mode != "fresh") else None
         a["r"] = src["r"] if src else adapter_cfg.r
         a["alpha"] = src["lora_alpha"] if src else adapter_cfg.alpha
