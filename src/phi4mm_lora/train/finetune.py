@@ -191,7 +191,12 @@ def train(
                                       audio_token=processor.audio_token, seed=cfg.seed)
     if not examples:
         raise UserError(f"no training examples in split {cfg.data.train_split!r}: {report}")
-    collator = Collator(processor, padding_side=tc.padding_side)
+    cache = None
+    if cfg.data.feature_cache:
+        from phi4mm_lora.data.cache import FeatureCache
+
+        cache = FeatureCache(cfg.data.feature_cache, processor.audio_processor)
+    collator = Collator(processor, padding_side=tc.padding_side, feature_cache=cache)
     lengths = [estimate_length(ex) for ex in examples]
     n_batches = math.ceil(len(examples) / tc.batch_size)
     spe = steps_per_epoch(n_batches, world, tc.grad_accum)
