@@ -26,36 +26,36 @@ from phi4mm_lora.errors import UserError
 _AUDIO = "model.embed_tokens_extend.audio_embed"
 _IMAGE = "model.embed_tokens_extend.image_embed"
 
-#: (native regex, official replacement) - and the reverse table below. Facts from domain.md.
-NATIVE_TO_OFFICIAL: list[tuple[str, str]] = [
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.gate_up_proj\.", rf"{_AUDIO}.encoder.encoders.\1.feed_forward_\2.net.0.linear."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.down_proj\.", rf"{_AUDIO}.encoder.encoders.\1.feed_forward_\2.net.2."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.(q|k|v)_proj\.", rf"{_AUDIO}.encoder.encoders.\1.self_attn.linear_\2."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.o_proj\.", rf"{_AUDIO}.encoder.encoders.\1.self_attn.linear_out."),
-    (rf"^{_AUDIO}\.up_proj_for_speech\.", rf"{_AUDIO}.audio_projection.speech.0."),
-    (rf"^{_AUDIO}\.down_proj_for_speech\.", rf"{_AUDIO}.audio_projection.speech.2."),
-    (rf"^{_AUDIO}\.up_proj_for_vision_speech\.", rf"{_AUDIO}.audio_projection.vision.0."),
-    (rf"^{_AUDIO}\.down_proj_for_vision_speech\.", rf"{_AUDIO}.audio_projection.vision.2."),
-    (rf"^{_IMAGE}\.img_projection_up\.", rf"{_IMAGE}.img_projection.0."),
-    (rf"^{_IMAGE}\.img_projection_down\.", rf"{_IMAGE}.img_projection.2."),
-    (rf"^{_IMAGE}\.global_img_feature_extensor$", rf"{_IMAGE}.glb_GN"),
-    (rf"^{_IMAGE}\.sub_img_feature_extensor$", rf"{_IMAGE}.sub_GN"),
+#: Native name <-> official name, one row per renamed module (facts from domain.md).
+#: ``<N>`` is a block index, ``<IO>`` in|out, ``<QKV>`` q|k|v; a trailing "." marks a prefix.
+_RENAMES: list[tuple[str, str]] = [
+    (f"{_AUDIO}.encoder.encoders.<N>.feed_forward_<IO>.gate_up_proj.", f"{_AUDIO}.encoder.encoders.<N>.feed_forward_<IO>.net.0.linear."),
+    (f"{_AUDIO}.encoder.encoders.<N>.feed_forward_<IO>.down_proj.", f"{_AUDIO}.encoder.encoders.<N>.feed_forward_<IO>.net.2."),
+    (f"{_AUDIO}.encoder.encoders.<N>.self_attn.<QKV>_proj.", f"{_AUDIO}.encoder.encoders.<N>.self_attn.linear_<QKV>."),
+    (f"{_AUDIO}.encoder.encoders.<N>.self_attn.o_proj.", f"{_AUDIO}.encoder.encoders.<N>.self_attn.linear_out."),
+    (f"{_AUDIO}.up_proj_for_speech.", f"{_AUDIO}.audio_projection.speech.0."),
+    (f"{_AUDIO}.down_proj_for_speech.", f"{_AUDIO}.audio_projection.speech.2."),
+    (f"{_AUDIO}.up_proj_for_vision_speech.", f"{_AUDIO}.audio_projection.vision.0."),
+    (f"{_AUDIO}.down_proj_for_vision_speech.", f"{_AUDIO}.audio_projection.vision.2."),
+    (f"{_IMAGE}.img_projection_up.", f"{_IMAGE}.img_projection.0."),
+    (f"{_IMAGE}.img_projection_down.", f"{_IMAGE}.img_projection.2."),
+    (f"{_IMAGE}.global_img_feature_extensor", f"{_IMAGE}.glb_GN"),
+    (f"{_IMAGE}.sub_img_feature_extensor", f"{_IMAGE}.sub_GN"),
 ]
+_SLOTS = {"<N>": r"(?P<N>\d+)", "<IO>": r"(?P<IO>in|out)", "<QKV>": r"(?P<QKV>q|k|v)"}
 
-OFFICIAL_TO_NATIVE: list[tuple[str, str]] = [
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.0\.linear\.", rf"{_AUDIO}.encoder.encoders.\1.feed_forward_\2.gate_up_proj."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.2\.", rf"{_AUDIO}.encoder.encoders.\1.feed_forward_\2.down_proj."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.linear_(q|k|v)\.", rf"{_AUDIO}.encoder.encoders.\1.self_attn.\2_proj."),
-    (rf"^{_AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.linear_out\.", rf"{_AUDIO}.encoder.encoders.\1.self_attn.o_proj."),
-    (rf"^{_AUDIO}\.audio_projection\.speech\.0\.", rf"{_AUDIO}.up_proj_for_speech."),
-    (rf"^{_AUDIO}\.audio_projection\.speech\.2\.", rf"{_AUDIO}.down_proj_for_speech."),
-    (rf"^{_AUDIO}\.audio_projection\.vision\.0\.", rf"{_AUDIO}.up_proj_for_vision_speech."),
-    (rf"^{_AUDIO}\.audio_projection\.vision\.2\.", rf"{_AUDIO}.down_proj_for_vision_speech."),
-    (rf"^{_IMAGE}\.img_projection\.0\.", rf"{_IMAGE}.img_projection_up."),
-    (rf"^{_IMAGE}\.img_projection\.2\.", rf"{_IMAGE}.img_projection_down."),
-    (rf"^{_IMAGE}\.glb_GN$", rf"{_IMAGE}.global_img_feature_extensor"),
-    (rf"^{_IMAGE}\.sub_GN$", rf"{_IMAGE}.sub_img_feature_extensor"),
-]
+
+def _rule(src: str, dst: str) -> tuple[str, str]:
+    """A (regex, replacement) pair for one template row; whole names unless src ends in '.'."""
+    pattern = re.escape(src)
+    for slot, group in _SLOTS.items():
+        pattern = pattern.replace(re.escape(slot), group)
+        dst = dst.replace(slot, rf"\g<{slot[1:-1]}>")
+    return "^" + pattern + ("" if src.endswith(".") else "$"), dst
+
+
+NATIVE_TO_OFFICIAL: list[tuple[str, str]] = [_rule(n, o) for n, o in _RENAMES]
+OFFICIAL_TO_NATIVE: list[tuple[str, str]] = [_rule(o, n) for n, o in _RENAMES]
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[A-Za-z0-9_]+)\.weight$")
 _AUDIO_RENAMES = {  # native name -> official name inside audio_processor.config
