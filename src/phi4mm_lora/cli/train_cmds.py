@@ -14,8 +14,7 @@ from pathlib import Path
 
 #: Embedded copy of configs/demo.yaml, so ``phi4mm-lora demo`` works from an installed
 #: package with no repository checkout (a test keeps both identical).
-DEMO_YAML = """\
-# Demo: train the tiny test model on the bundled generated corpus (APA + MDD) on CPU.
+DEMO_YAML = r"""# Demo: train the tiny test model on the bundled generated corpus (APA + MDD) on CPU.
 #   phi4mm-lora demo                      (this file, embedded in the package)
 #   phi4mm-lora train configs/demo.yaml   (the same run, by hand)
 # Takes at most ~3 minutes on a 2-core CPU, including building the tiny model on first use.
@@ -27,24 +26,28 @@ model:
   device: cpu
 adapter:
   mode: fresh           # a new LoRA (the tiny model's "pretrained" one is random anyway)
-  r: 16
-  alpha: 32
+  r: 32
+  alpha: 256
   dropout: 0.0
+  # decoder linears + lm_head: the tiny model's output head is tied to frozen random
+  # embeddings too small to make confident logits; the real model does not need lm_head here
+  target_modules: (model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj)))|lm_head
   trainable: unfreeze   # LoRA + audio encoder + audio projector (the paper's Unfreeze strategy)
 data:
   path: null            # empty: the bundled generated corpus (Speechocean762 layout)
   task: both
   limit: 32             # utterances (x2 tasks = 64 examples): keeps the demo within 3 minutes
 train:
-  epochs: 3
-  batch_size: 8
+  epochs: 8
+  batch_size: 4
   grad_accum: 1
-  lr: 0.01
-  scheduler: linear
-  warmup_ratio: 0.05
+  lr: 0.001
+  scheduler: constant
+  max_grad_norm: null
   gradient_checkpointing: false
   group_by_length: true
-  log_every_steps: 5
+  log_every_steps: 16
+  save_every_steps: null
 eval:
   during_training: false
 """

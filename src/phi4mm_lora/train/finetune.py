@@ -116,7 +116,13 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str = "training loss")
     train = [r for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", lw=1.2, label="train loss")
+    steps, values = [r["step"] for r in train], [r["loss"] for r in train]
+    ax.plot(steps, values, color="tab:blue", lw=0.8, alpha=0.45, label="train loss")
+    window = max(5, len(values) // 20)
+    if len(values) > 2 * window:  # batches of different tasks differ a lot: show the trend too
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, color="tab:blue", lw=2, label=f"mean of last {window} steps")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("answer-token cross-entropy")
     ax.grid(alpha=0.3)
