@@ -149,3 +149,18 @@ def test_demo_command_short(tmp_path, capsys):
     assert "loss curve:" in log and (out / "loss_curve.png").is_file()
     assert read_trained(out / "adapter")
     assert torch.isfinite(torch.tensor(json.loads((out / "summary.json").read_text())["final_loss"]))
+
+
+def test_bf16_plan_and_gradient_checkpointing(manifest, tmp_path):
+    """bf16 base weights train with fp32 trainable tensors; checkpointing changes nothing."""
+    gc = train(load_config(None, small_overrides(manifest, tmp_path / "gc", train__max_steps=2,
+                                                 train__gradient_checkpointing=True)), progress=False)
+    plain = train(load_config(None, small_overrides(manifest, tmp_path / "plain", train__max_steps=2)), progress=False)
+    a, b = read_trained(gc.adapter_dir), read_trained(plain.adapter_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    bf = train(load_config(None, small_overrides(manifest, tmp_path / "bf16", train__max_steps=2, precision="bf16")),
+               progress=False)
+    w = read_trained(bf.adapter_dir)
+    assert bf.summary["precision"] == "bf16" and torch.isfinite(torch.tensor(bf.summary["final_loss"]))
+    assert {v.dtype for v in w.values()} == {torch.float32}  # LoRA and unfrozen encoder in fp32
+    assert abs(bf.summary["first_loss"] - plain.summary["first_loss"]) < 0.05

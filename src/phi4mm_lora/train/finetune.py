@@ -151,6 +151,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -167,6 +168,10 @@ def train(
 
     # ------------------------------------------------------------------ setup
     plan_guess = resolve_plan(cfg.precision, pick_device(cfg.model.device))
+    # accelerate keeps its settings in a process-wide singleton; a second run in the same
+    # process (tests, a notebook, demo then eval) may use another precision, so start clean.
+    # The distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 
@@ -188,6 +193,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("refusing to train: no parameter requires grad (check adapter.mode/adapter.trainable)")
+    if loaded.plan.lora_dtype is None:
+        # fp32 master weights for everything that trains (unfrozen towers load in the plan's
+        # bf16/fp16): small AdamW updates vanish in bf16, and fp16 loss scaling cannot unscale
+        # fp16 gradients. autocast still runs the matmuls in half precision.
+        for p in params:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
     n_trainable = sum(p.numel() for p in params)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
