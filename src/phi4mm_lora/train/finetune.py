@@ -1,7 +1,9 @@
 """The training recipe: one readable function, setup -> train -> cleanup.
 
-Run with ``phi4mm-lora train CONFIG.yaml`` on one device, or under ``accelerate launch``
-(DDP on several GPUs, or several CPU processes with gloo) with no code change: the
+Run with ``phi4mm-lora train CONFIG.yaml`` on one device, under ``accelerate launch
+--num_processes N -m phi4mm_lora train CONFIG.yaml`` on several GPUs (DDP), or with
+``torchrun --nproc_per_node N -m phi4mm_lora train ...`` for several CPU processes (gloo;
+``accelerate launch --cpu`` alone starts a single process). No code change: the
 :class:`accelerate.Accelerator` owns device placement, gradient synchronisation and fp16 loss
 scaling; everything else is plain PyTorch that reads top to bottom.
 
