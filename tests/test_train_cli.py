@@ -144,10 +144,17 @@ def test_demo_config_embedded_copy_in_sync():
 
 def test_demo_command_short(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--output", str(out), "data.limit=2", "train.epochs=1", "--no-progress"]) == 0
+    assert main(["demo", "--output", str(out), "--eval-limit", "2", "data.limit=2", "train.epochs=1", "--no-progress"]) == 0
     log = capsys.readouterr().out
     assert "loss curve:" in log and (out / "loss_curve.png").is_file()
     assert read_trained(out / "adapter")
+    # before/after evaluation on the same held-out utterances, shown side by side
+    before = json.loads((out / "eval-before" / "results.json").read_text())
+    after = json.loads((out / "eval-after" / "results.json").read_text())
+    assert before["mdd"]["n_total"] == after["mdd"]["n_total"] == 2
+    assert "before training" in log and "delta" in log
+    run = json.loads((out / "eval-after" / "run.json").read_text())
+    assert str(out / "adapter") in json.dumps(run)  # the trained adapter is what was evaluated
     assert torch.isfinite(torch.tensor(json.loads((out / "summary.json").read_text())["final_loss"]))
 
 

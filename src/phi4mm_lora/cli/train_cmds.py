@@ -65,7 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from phi4mm_lora.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, evaluate_fn=None, resume=args.resume, progress=not args.no_progress)
+    evaluate_fn = None
+    if cfg.eval.during_training:
+        from phi4mm_lora.evaluate.run import make_epoch_evaluator
+
+        evaluate_fn = make_epoch_evaluator(cfg)
+    result = train(cfg, evaluate_fn=evaluate_fn, resume=args.resume, progress=not args.no_progress)
     if "loss_curve" in result.summary:  # only the main process writes (and reports) the run files
         print(f"adapter: {result.adapter_dir}")
         print(f"loss curve: {result.summary['loss_curve']}")
@@ -91,7 +96,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The demo, step by step: config -> train -> (evaluation) -> where to look."""
+    """The demo, step by step: config -> evaluate untrained -> train -> evaluate trained -> where to look."""
     from phi4mm_lora.config import load_config
     from phi4mm_lora.train import train
 
@@ -104,12 +109,28 @@ def demo(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_file, [f"output_dir={out}", *(args.overrides or [])])
     print(f"demo: training the tiny model on the bundled corpus (APA + MDD) into {out}")
 
-    # Step 2: train (builds the tiny model on first use).
+    # Step 2: score the untrained model on held-out speakers (the test split), as the paper's
+    # "untrained" row does.
+    from rich.console import Console
+
+    from phi4mm_lora.evaluate.report import render_table
+    from phi4mm_lora.evaluate.run import evaluate
+
+    n_eval = args.eval_limit
+    before = evaluate(cfg, split="test", limit=n_eval, output_dir=out / "eval-before", name="before training",
+                      progress=not args.no_progress)
+
+    # Step 3: train (builds the tiny model on first use).
     result = train(cfg, evaluate_fn=None, progress=not args.no_progress)
 
-    # Step 3: EVALUATION - before/after table goes here (added by the evaluation workflow).
+    # Step 4: the trained adapter on the same utterances, side by side with the untrained model.
+    trained = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(result.adapter_dir)})})
+    after = evaluate(trained, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
+                     name="after training", compare_name="before training", progress=not args.no_progress)
+    Console().print(render_table(after, compare=before, compare_name="before training"))
+    print(f"evaluation report: {out / 'eval-after' / 'report.md'}")
 
-    # Step 4: where to look.
+    # Step 5: where to look.
     print(f"demo finished in {time.perf_counter() - t0:.0f} s: {_summary_line(result.summary)}")
     print(f"loss curve: {result.summary['loss_curve']}")
     print(f"adapter: {result.adapter_dir}")
@@ -142,6 +163,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU (about 2-3 minutes)")
     d.add_argument("--output", metavar="DIR", help="run folder (default runs/demo-<time>)")
+    d.add_argument("--eval-limit", type=int, default=24, metavar="N",
+                   help="test-split utterances scored before and after training (x2 tasks; default 24)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(handler=demo, func=demo)

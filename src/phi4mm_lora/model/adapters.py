@@ -193,7 +193,9 @@ def extra_trainable_state(peft: PeftModel, state: AdapterState) -> dict[str, tor
 def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path) -> Path:
     """Only what trained: the adapter in standard PEFT format, plus unfrozen modules if any."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    peft.save_pretrained(str(out_dir), selected_adapters=[state.trainable_adapter])
+    # LoRA on lm_head (tied to the embeddings) never changes the base embedding matrix, so PEFT's
+    # default of saving the whole embedding layer would only add vocab x hidden frozen weights.
+    peft.save_pretrained(str(out_dir), selected_adapters=[state.trainable_adapter], save_embedding_layers=False)
     # PEFT puts a non-"default" adapter in a subfolder; flatten so the folder itself loads.
     sub = out_dir / state.trainable_adapter
     if sub.is_dir():

@@ -20,7 +20,13 @@ from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.model import convert
 from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters, read_peft_folder
-from phi4mm_lora.model.precision import PrecisionPlan, check_plan, pick_device, quantised_modules, resolve_plan
+from phi4mm_lora.model.precision import (
+    PrecisionPlan,
+    check_plan,
+    pick_device,
+    quantised_modules,
+    resolve_plan,
+)
 
 #: The hub revision that holds the converted native layout (speech-lora/, vision-lora/).
 NATIVE_REVISION = "refs/pr/70"
@@ -140,7 +146,7 @@ def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: Adapt
 
 def _materialise_buffers(model: torch.nn.Module, config) -> None:
     """Non-persistent buffers (rotary inv_freq) stay on meta after assign-loading; rebuild them."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             fresh = type(module)(config=config)
             module.inv_freq = fresh.inv_freq
@@ -167,7 +173,11 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
 
 
 def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
-    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor, PreTrainedTokenizerFast
+    from transformers import (
+        Phi4MultimodalFeatureExtractor,
+        Phi4MultimodalImageProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from phi4mm_lora.model.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_special_ids
 
@@ -207,7 +217,8 @@ def load_model(model_cfg: ModelConfig, precision: str, adapter_cfg: AdapterConfi
     plan = resolve_plan(precision, device)
     model, pretrained, planned = load_base(folder, layout, plan, adapter_cfg, model_cfg.attn_implementation)
     peft, state = attach_adapters(model, adapter_cfg, pretrained, lora_dtype=plan.lora_dtype)
-    peft.to(plan.device) if not plan.quantised else None
+    if not plan.quantised:
+        peft.to(plan.device)
     if plan.quantised:
         got = sorted(quantised_modules(peft))
         if got != sorted(planned):
