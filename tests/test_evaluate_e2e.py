@@ -181,3 +181,31 @@ def test_training_run_with_epoch_eval_then_evaluate(tmp_path: Path, tiny_native:
     meta = json.loads((out / "run.json").read_text())
     assert meta["adapter"] == str(run / "adapter") and meta["adapter_mode"] == "fresh"
     capsys.readouterr()
+
+
+def test_evaluate_manifest_task_reports_cer_and_bleu_for_its_language(tmp_path: Path, tiny_native: Path, capsys) -> None:
+    """A manifest (speech translation into Chinese) goes through the same evaluate command:
+    the language on each line selects CER and sacrebleu's zh tokenizer, and results.json is
+    exactly what compute_all gives on the saved predictions."""
+    import shutil
+
+    from phi4mm_lora.data.examples import bundled_corpus_path
+
+    wavs = sorted((bundled_corpus_path() / "WAVE").rglob("*.flac"))[:3]
+    lines = []
+    for i, w in enumerate(wavs):
+        shutil.copy(w, tmp_path / f"a{i}.flac")
+        lines.append(json.dumps({"id": f"u{i}", "split": "test", "audio": f"a{i}.flac", "language": "zh",
+                                 "prompt": "Translate the speech into Chinese.", "answer": "我喜欢读书"}))
+    manifest = tmp_path / "st.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_native), "--split", "test", "--output", str(out), "--no-progress",
+                 "data.source=manifest", f"data.path={manifest}", "eval.max_new_tokens=6"]) == 0
+    preds = load_predictions(out / "predictions.jsonl")
+    assert len(preds) == 3 and {p["task"] for p in preds} == {"manifest"}
+    assert all(p["language"] == "zh" and p["reference"] == {"text": "我喜欢读书"} for p in preds)
+    results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(compute_all(preds)))
+    m = results["manifest"]
+    assert "cer" in m and m["bleu"]["tokenizer"] == "zh"

@@ -55,6 +55,7 @@ class Example:
     split: str
     speaker: str | None
     duration: float | None
+    language: str | None = None  # manifest tasks: language of the answer, for CER / BLEU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +183,7 @@ def _build_manifest(
         examples.append(Example(
             id=it.id, utt_id=it.id, task="manifest", audio_path=it.audio_path, image_path=it.image_path,
             prompt=prompt, answer=it.answer, split=split, speaker=None, duration=duration,
+            language=it.language,
         ))
     report.n_examples = len(examples)
     report.raise_if_strict(data_cfg.strict)

@@ -37,6 +37,7 @@ class ManifestItem:
     audio_path: str | None
     image_path: str | None
     line: int
+    language: str | None = None  # target language of the answer (picks CER / the BLEU tokenizer)
 
 
 def _resolve(base: Path, value: object, key: str) -> Path:
@@ -90,8 +91,9 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestItem], list[tuple[str 
             problems.append((split, Problem("manifest", f"{where} ({ident})", str(exc))))
             continue
         seen.add(ident)
+        language = obj.get("language") if isinstance(obj.get("language"), str) else None
         items.append(ManifestItem(ident, split, prompt, answer, str(audio) if audio else None,
-                                  str(image) if image else None, n))
+                                  str(image) if image else None, n, language))
     return items, problems
 
 

@@ -79,6 +79,8 @@ def build_record(ex: Example, gen: Generation, info: dict[str, Any] | None = Non
         rec["reference"] = ref
     else:
         rec["reference"] = {"text": ex.answer}
+        if ex.language:
+            rec["language"] = ex.language
     rec["n_tokens"] = gen.n_tokens
     rec["finished"] = gen.finished
     return rec
