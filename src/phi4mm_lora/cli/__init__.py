@@ -38,6 +38,8 @@ def _quiet_libraries() -> None:
     """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A warning is a note to the user, not a code location: print it as one line.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
