@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_make_corpus_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c"
     args = _parser().parse_args(["make-corpus", str(out), "--n", "6", "--seed", "5"])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     for split in ("train", "test"):
         for f in ("wav.scp", "text", "utt2spk", "spk2utt", "spk2age", "spk2gender"):
             assert (out / split / f).is_file()
@@ -41,7 +41,7 @@ def test_make_corpus_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert info.samplerate == 16000 and info.channels == 1 and info.format == "FLAC"
         assert utt in scores and 0.5 < info.duration < 15
     with pytest.raises(UserError, match="not empty"):
-        args.func(args)
+        args.handler(args)
 
 
 def test_scores_follow_the_substitutions() -> None:
@@ -78,7 +78,7 @@ def test_bundled_corpus_shape() -> None:
 def test_data_stats_prints_counts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     png = tmp_path / "s.png"
     args = _parser().parse_args(["data", "stats", str(bundled_corpus_path()), "--plot", str(png)])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "split train: 100 utterances, examples: apa 100, mdd 100" in out
     assert "split test: 50 utterances, examples: apa 50, mdd 50" in out
@@ -92,12 +92,12 @@ def test_data_stats_reports_problems(capsys: pytest.CaptureFixture[str], tmp_pat
     wav = next((root / "WAVE").rglob("*.flac"))
     wav.write_bytes(b"broken")
     args = _parser().parse_args(["data", "stats", str(root)])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "1 record(s) skipped" in out and wav.stem in out
     args = _parser().parse_args(["data", "stats", str(root), "--strict"])
     with pytest.raises(UserError, match=wav.stem):
-        args.func(args)
+        args.handler(args)
 
 
 def test_make_corpus_without_espeak_says_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -115,8 +115,25 @@ def test_data_stats_on_a_manifest(capsys: pytest.CaptureFixture[str], tmp_path: 
     m = tmp_path / "m.jsonl"
     m.write_text("\n".join(lines))
     args = _parser().parse_args(["data", "stats", str(m)])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "split train: 2 utterances, examples: manifest 2" in out
     assert "split test: 1 utterances, examples: manifest 1" in out
     assert "manifest: 1" in out and "line 4" in out
+
+
+def test_data_commands_through_the_real_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`phi4mm-lora data stats` / `make-corpus` as a user runs them (cli.main, not the handler)."""
+    from phi4mm_lora.cli import main
+
+    png = tmp_path / "stats.png"
+    assert main(["data", "stats", str(bundled_corpus_path()), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "test" in out and png.is_file() and png.stat().st_size > 10_000
+    assert main(["data", "stats", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "x").write_text("keep me")
+    assert main(["make-corpus", str(occupied), "--n", "2"]) == 2
+    assert (occupied / "x").read_text() == "keep me"  # nothing lost

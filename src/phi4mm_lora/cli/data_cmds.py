@@ -1,7 +1,7 @@
 """CLI subcommands of the data layer: ``make-corpus`` and ``data stats``.
 
 The main CLI calls :func:`register` with its subparsers object; each subcommand stores its
-handler as ``func`` (``args.func(args) -> int`` is the exit code). Bad input raises
+handler as ``handler`` (``args.handler(args) -> int`` is the exit code). Bad input raises
 :class:`UserError`, which the main CLI prints as one line with exit code 2.
 """
 
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument("--n", type=int, default=150, help="number of utterances (default 150)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.set_defaults(func=cmd_make_corpus)
+    p.set_defaults(handler=cmd_make_corpus)
 
     d = subparsers.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -49,4 +49,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("data", help="Speechocean762 release dir, saved hub dataset, or JSONL manifest")
     s.add_argument("--plot", metavar="PNG", help="also write a figure with the distributions")
     s.add_argument("--strict", action="store_true", help="fail on any bad record instead of reporting it")
-    s.set_defaults(func=cmd_data_stats)
+    s.set_defaults(handler=cmd_data_stats)

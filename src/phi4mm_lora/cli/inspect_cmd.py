@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", type=Path, help="also write the report as JSON")
     p.add_argument("--architecture-only", action="store_true",
                    help="full-size architecture on the meta device: exact counts and bytes, no weights loaded")
-    p.set_defaults(handler=cmd_inspect, func=cmd_inspect)
+    p.set_defaults(handler=cmd_inspect)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

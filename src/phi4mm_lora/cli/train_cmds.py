@@ -146,12 +146,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                    help="continue the latest complete checkpoint of output_dir, or the checkpoint/run DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    t.set_defaults(handler=cmd_train, func=cmd_train)
+    t.set_defaults(handler=cmd_train)
 
     v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)")
     v.add_argument("config", help="run config YAML")
     v.add_argument("overrides", nargs="*", metavar="key=value")
-    v.set_defaults(handler=cmd_validate, func=cmd_validate)
+    v.set_defaults(handler=cmd_validate)
 
     b = subparsers.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
@@ -159,7 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from phi4mm_lora.train.bench import add_args
 
     add_args(bt)
-    bt.set_defaults(handler=cmd_bench_train, func=cmd_bench_train)
+    bt.set_defaults(handler=cmd_bench_train)
 
     d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU (about 2-3 minutes)")
     d.add_argument("--output", metavar="DIR", help="run folder (default runs/demo-<time>)")
@@ -167,7 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="test-split utterances scored before and after training (x2 tasks; default 24)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
-    d.set_defaults(handler=demo, func=demo)
+    d.set_defaults(handler=demo)
 
 
 __all__ = ["DEMO_YAML", "cmd_train", "cmd_validate", "demo", "register"]
