@@ -63,7 +63,7 @@ def diagnose() -> Diagnosis:
     major_minor = tuple(int(x) for x in tf.split(".")[:2] if x.isdigit())
     if major_minor >= (4, 50):
         d.problems.append((
-            f"transformers {tf}: Microsoft's remote code (trust_remote_code=True) fails with "
+            f"transformers {tf}: Microsoft's remote code (loaded with trust_remote_code) fails with "
             "\"'Phi4MMModel' object has no attribute 'prepare_inputs_for_generation'\"",
             "phi4mm-lora never runs remote code: it loads the native classes and converts the official "
             "layout in memory (or once with `phi4mm-lora convert SRC DST`). Nothing to do unless you call remote code yourself.",
