@@ -22,7 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="espeak-ng is not installed (`make install` adds it with apt); without it make-corpus cannot "
+    "synthesise speech - that refusal is tested in test_make_corpus_without_espeak_says_how_to_fix",
+)
 def test_make_corpus_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "c"
     args = _parser().parse_args(["make-corpus", str(out), "--n", "6", "--seed", "5"])
@@ -137,3 +141,15 @@ def test_data_commands_through_the_real_entry_point(tmp_path: Path, capsys: pyte
     (occupied / "x").write_text("keep me")
     assert main(["make-corpus", str(occupied), "--n", "2"]) == 2
     assert (occupied / "x").read_text() == "keep me"  # nothing lost
+
+
+def test_make_corpus_without_espeak_says_how_to_fix(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No espeak-ng on PATH: one-line error naming the install command, exit 2, nothing written."""
+    from phi4mm_lora.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    out = tmp_path / "c"
+    assert main(["make-corpus", str(out), "--n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "espeak-ng is not installed" in err and "apt-get install espeak-ng" in err
+    assert not out.exists() or not any(out.iterdir())

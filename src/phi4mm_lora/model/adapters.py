@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from phi4mm_lora.config import AdapterConfig
 from phi4mm_lora.errors import UserError
-from phi4mm_lora.model.convert import lora_config_from_spec
-from phi4mm_lora.model.precision import AUDIO_TOWER, DECODER_LINEAR, VISION_TOWER
+from phi4mm_lora.model.precision import AUDIO_TOWER, VISION_TOWER
 
 AUDIO_PROJECTOR = ("model.embed_tokens_extend.audio_embed.up_proj_for_speech", "model.embed_tokens_extend.audio_embed.down_proj_for_speech")
 VISION_PROJECTOR = (
@@ -252,6 +251,4 @@ __all__ = [
     "merge_and_save",
     "read_peft_folder",
     "lora_tensor_names",
-    "DECODER_LINEAR",
-    "lora_config_from_spec",
 ]

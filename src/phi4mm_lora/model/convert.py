@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import Phi4MultimodalConfig
+from transformers import Phi4MultimodalAudioConfig, Phi4MultimodalConfig
 
 from phi4mm_lora.errors import UserError
 
@@ -161,8 +161,6 @@ def official_config_to_native(official: dict) -> tuple[Phi4MultimodalConfig, dic
 def _fields(cls) -> set[str]:
     return set(getattr(cls, "__dataclass_fields__", {})) or set(cls().to_dict())
 
-
-from transformers import Phi4MultimodalAudioConfig  # noqa: E402
 
 _AUDIO_FIELDS = _fields(Phi4MultimodalAudioConfig) - {"model_type"}
 _DECODER_FIELDS = _fields(Phi4MultimodalConfig) - {"model_type", "audio_config", "vision_config"}

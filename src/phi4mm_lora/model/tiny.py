@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from transformers import (
     Phi4MultimodalConfig,
     Phi4MultimodalFeatureExtractor,
@@ -164,5 +163,4 @@ def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0,
     return target
 
 
-# Keep save_file importable here for callers that write tiny variants in tests.
-__all__ = ["build_tiny", "ensure_tiny", "tiny_config", "tiny_processor", "save_file", "TINY_ADAPTERS"]
+__all__ = ["build_tiny", "ensure_tiny", "tiny_config", "tiny_processor", "TINY_ADAPTERS"]
