@@ -32,7 +32,8 @@ def cfg_file(tmp_path) -> Path:
 def test_train_writes_run_folder_and_changes_weights(manifest, cfg_file, tmp_path, capsys):
     out = tmp_path / "run"
     ov = small_overrides(manifest, out, adapter__mode="pretrained", adapter__trainable="lora",
-                         train__max_steps=3, train__save_every_steps=2, train__lr=1e-2)
+                         train__max_steps=3, train__save_every_steps=1, train__keep_checkpoints=2,
+                         train__lr=1e-2)
     assert main(["train", str(cfg_file), *ov, "--no-progress"]) == 0
     text = capsys.readouterr()
     log = text.out + text.err
@@ -42,6 +43,8 @@ def test_train_writes_run_folder_and_changes_weights(manifest, cfg_file, tmp_pat
                  "checkpoints/step-00000002/COMPLETE", "checkpoints/step-00000002/adapter/adapter_model.safetensors",
                  "checkpoints/step-00000002/training_state.pt"):
         assert (out / name).is_file(), name
+    # a checkpoint per step, but only the newest two are kept (disk), the oldest deleted
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert load_config(out / "config.yaml").train.max_steps == 3
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,9 +64,11 @@ def test_train_writes_run_folder_and_changes_weights(manifest, cfg_file, tmp_pat
 def test_validate_prints_config_or_all_problems(cfg_file, capsys):
     assert main(["validate", str(cfg_file), "train.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
-    assert main(["validate", str(cfg_file), "train.lr=-1", "adapter.r=0", "train.nope=1"]) == 2
+    assert main(["validate", str(cfg_file), "train.lr=-1", "adapter.r=0", "train.nope=1",
+                 "train.keep_checkpoints=0"]) == 2
     err = capsys.readouterr().err
-    assert "adapter.r" in err and "train.nope" in err
+    # every problem at once, also when one of them is an unknown key in the same section
+    assert all(k in err for k in ("adapter.r", "train.nope", "train.lr", "train.keep_checkpoints"))
 
 
 def test_nan_loss_stops_with_step_examples_and_checkpoint(manifest, cfg_file, tmp_path, capsys, monkeypatch):

@@ -45,7 +45,7 @@ def test_tiny_model_learns_16_mdd_answers(tmp_path):
         "adapter.dropout=0.0", f"adapter.target_modules={DECODER_AND_HEAD}",
         "train.batch_size=4", "train.grad_accum=1", "train.lr=1e-3", "train.scheduler=constant",
         "train.max_grad_norm=null", "train.epochs=75", "train.gradient_checkpointing=false",
-        "train.log_every_steps=20", "eval.during_training=false",
+        "train.log_every_steps=20", "train.keep_checkpoints=1", "eval.during_training=false",
     ])
     result = train(cfg, progress=False)
     assert result.summary["final_loss"] < result.summary["first_loss"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from phi4mm_lora.errors import UserError
 
@@ -167,6 +167,11 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     group_by_length: bool = True
     save_every_steps: int | None = None
+    keep_checkpoints: int | None = Field(
+        2,
+        description="Keep only the newest N checkpoints (older ones are deleted once a newer one is "
+        "complete); null keeps every one. Each holds the adapter and optimizer state.",
+    )
     log_every_steps: int = 1
     num_workers: int = 0
     padding_side: Literal["left", "right"] = Field(
@@ -175,16 +180,28 @@ class TrainConfig(_Section):
         "attention mask); left puts every answer at the end of its row, which suits generation.",
     )
 
-    @model_validator(mode="after")
-    def _positive(self) -> TrainConfig:
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("train.lr must be > 0")
-        if self.epochs <= 0:
-            raise ValueError("train.epochs must be > 0")
-        return self
+    # field validators (not one model validator) so these are reported together with any
+    # other problem in the section, e.g. an unknown key
+    @field_validator("batch_size", "grad_accum")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("lr", "epochs")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("keep_checkpoints")
+    @classmethod
+    def _keep(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1 (or null to keep all): resume needs the newest checkpoint")
+        return v
 
 
 class EvalConfig(_Section):

@@ -83,13 +83,14 @@ def run_variant(variant: str, layers: int, steps: int) -> dict[str, Any]:
     """One variant in this process: build, then time ``steps`` optimizer steps."""
     from phi4mm_lora.data.audio import load_audio
     from phi4mm_lora.data.collate import Collator, chat_text
+    from phi4mm_lora.train.finetune import enable_activation_checkpointing
     from phi4mm_lora.train.loss import answer_loss_sum, count_label_tokens
 
     torch.manual_seed(0)
     model, _state, processor = bench_model(layers)
     examples = bench_examples(processor)
     if variant == "pipeline+gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

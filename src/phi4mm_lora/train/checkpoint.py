@@ -147,6 +147,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
+def prune_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (and leftovers of cut-off writes).
+
+    Without this a long run writes one checkpoint per epoch and per ``save_every_steps`` and
+    fills the disk; the newest complete one is never deleted, so resume always has a target.
+    """
+    if keep is None:
+        return []
+    cks = list_checkpoints(run_dir)
+    doomed = cks[: max(0, len(cks) - keep)]
+    root = Path(run_dir) / "checkpoints"
+    doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))] if root.is_dir() else []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
 def resolve_resume(resume: str | Path | bool, run_dir: Path) -> Path:
     """``True``: latest complete checkpoint of ``run_dir``; a path: that checkpoint or run folder."""
     if resume is True or resume == "":
@@ -179,6 +196,7 @@ __all__ = [
     "list_checkpoints",
     "load_rng",
     "load_training_state",
+    "prune_checkpoints",
     "resolve_resume",
     "rng_state",
     "save_rng",

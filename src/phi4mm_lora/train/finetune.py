@@ -94,6 +94,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute decoder activations in backward (non-reentrant, so frozen inputs work with LoRA).
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` and warns on the old name; older 5.x only has the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
     """Optimizer steps in one epoch. One process keeps a short last step; several drop it
     (a process with no micro-batch would stall the others' gradient all-reduce)."""
@@ -204,7 +217,7 @@ def train(
                 p.data = p.data.float()
     n_trainable = sum(p.numel() for p in params)
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
 
     examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
@@ -293,6 +306,7 @@ def train(
                 "world_size": world, "config": cfg.model_dump(mode="json"),
             }, tmp / ckpt.STATE_FILE)
             ckpt.finish_atomic_dir(tmp, final)
+            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
 
@@ -423,5 +437,5 @@ def train(
     return TrainResult(run_dir, adapter_dir, summary, losses)
 
 
-__all__ = ["EvaluateFn", "TrainResult", "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]
+__all__ = ["EvaluateFn", "enable_activation_checkpointing", "TrainResult", "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]
 
