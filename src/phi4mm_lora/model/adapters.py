@@ -189,19 +189,29 @@ def extra_trainable_state(peft: PeftModel, state: AdapterState) -> dict[str, tor
     return out
 
 
-def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path) -> Path:
-    """Only what trained: the adapter in standard PEFT format, plus unfrozen modules if any."""
+def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Only what trained: the adapter in standard PEFT format, plus unfrozen modules if any.
+
+    ``state_dict``: full tensors gathered beforehand (FSDP/DeepSpeed shard the live parameters,
+    see :func:`phi4mm_lora.train.distributed.gather_trained`); by default the live parameters.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     # LoRA on lm_head (tied to the embeddings) never changes the base embedding matrix, so PEFT's
     # default of saving the whole embedding layer would only add vocab x hidden frozen weights.
-    peft.save_pretrained(str(out_dir), selected_adapters=[state.trainable_adapter], save_embedding_layers=False)
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    peft.save_pretrained(str(out_dir), selected_adapters=[state.trainable_adapter], save_embedding_layers=False, **kwargs)
     # PEFT puts a non-"default" adapter in a subfolder; flatten so the folder itself loads.
     sub = out_dir / state.trainable_adapter
     if sub.is_dir():
         for f in sub.iterdir():
             f.replace(out_dir / f.name)
         sub.rmdir()
-    extra = extra_trainable_state(peft, state)
+    if state_dict is None:
+        extra = extra_trainable_state(peft, state)
+    else:
+        extra = {k.replace("base_model.model.", "", 1): v.detach().to("cpu").contiguous()
+                 for k, v in state_dict.items() if ".lora_" not in k}
     if extra:
         save_file(extra, str(out_dir / EXTRA_FILE), metadata={"format": "pt"})
     return out_dir

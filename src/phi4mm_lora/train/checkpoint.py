@@ -6,7 +6,9 @@ A checkpoint folder ``<run>/checkpoints/step-00000012/`` holds
   for unfrozen modules), written by :func:`~phi4mm_lora.model.adapters.save_trained`, so any
   checkpoint is directly usable for evaluation;
 * ``training_state.pt`` - optimizer, scheduler, loss-scaler state and progress (epoch, steps
-  done within that epoch, global step);
+  done within that epoch, global step). Under FSDP the optimizer state is the full, unsharded
+  one keyed by parameter name (gathered by :mod:`phi4mm_lora.train.distributed`); under
+  DeepSpeed it is ``None`` and the engine's own files are in ``deepspeed/``;
 * ``rng-rank<N>.pt`` - python/numpy/torch (and CUDA) RNG state of every process;
 * ``COMPLETE`` - written last.
 

@@ -3,9 +3,13 @@
 Run with ``phi4mm-lora train CONFIG.yaml`` on one device, under ``accelerate launch
 --num_processes N -m phi4mm_lora train CONFIG.yaml`` on several GPUs (DDP), or with
 ``torchrun --nproc_per_node N -m phi4mm_lora train ...`` for several CPU processes (gloo;
-``accelerate launch --cpu`` alone starts a single process). No code change: the
-:class:`accelerate.Accelerator` owns device placement, gradient synchronisation and fp16 loss
-scaling; everything else is plain PyTorch that reads top to bottom.
+``accelerate launch --cpu`` alone starts a single process), and with FSDP or DeepSpeed ZeRO
+through an accelerate config (``accelerate launch --config_file configs/accelerate/fsdp.yaml
+-m phi4mm_lora train CONFIG.yaml``). No code change: the :class:`accelerate.Accelerator` owns
+device placement, gradient synchronisation and fp16 loss scaling; what sharded parameters
+change (saving, resuming, clipping, evaluation) is in :mod:`phi4mm_lora.train.distributed`;
+everything else is plain PyTorch that reads top to bottom. FSDP2 is tested (on CPU, 2 processes
+equal 1); FSDP1 and DeepSpeed are not (see that module).
 
 What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
 
@@ -21,7 +25,9 @@ What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
 Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
 each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
 the data. After each epoch an optional ``evaluate_fn(model, processor, epoch) -> dict`` is
-called (when ``eval.during_training``) and its numbers are logged with the losses.
+called (when ``eval.during_training``) and its numbers are logged with the losses; under FSDP
+or ZeRO-3 it is skipped with a warning (generation on one process would deadlock the others):
+evaluate the saved checkpoint with ``phi4mm-lora evaluate`` instead.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.train import checkpoint as ckpt
+from phi4mm_lora.train import distributed
 from phi4mm_lora.train import loss as loss_mod
 
 #: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
@@ -247,6 +254,7 @@ def train(
     # The scheduler is not prepared: accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     peft = accelerator.unwrap_model(model)
+    setup_notes = distributed.check_setup(accelerator, tc.grad_accum)
 
     epoch0, step0, global_step = 0, 0, 0
     if resume_from is not None:
@@ -255,10 +263,11 @@ def train(
 
         st = ckpt.load_training_state(resume_from)
         adapter = resume_from / ckpt.ADAPTER_DIR
-        set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
-                                  adapter_name=state.trainable_adapter)
-        load_extra_modules(peft, adapter)
-        optimizer.load_state_dict(st["optimizer"])
+        if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
+            set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
+                                      adapter_name=state.trainable_adapter)
+            load_extra_modules(peft, adapter)
+        distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
         scheduler.load_state_dict(st["scheduler"])
         if st.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(st["scaler"])
@@ -277,10 +286,12 @@ def train(
             metrics_file.write_text("".join(k + "\n" for k in kept))
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
     say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
-        f"{world} process(es), precision {loaded.plan.name}, trainable {n_trainable:,} params "
+        f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
         f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
     for note in report.problems[:5]:
         say(f"data: skipped {note}")
+    for note in setup_notes:
+        say(f"warning: {note}")
 
     def record(row: dict) -> None:
         if main:
@@ -296,11 +307,14 @@ def train(
             ckpt.begin_atomic_dir(final)
         accelerator.wait_for_everyone()
         ckpt.save_rng(tmp, rank)
+        # collectives: under FSDP/DeepSpeed every process helps gather the full tensors
+        trained = distributed.gather_trained(accelerator, model, peft)
+        optim_state = distributed.optimizer_state(accelerator, model, optimizer, tmp)
         accelerator.wait_for_everyone()
         if main:
-            save_trained(peft, state, tmp / ckpt.ADAPTER_DIR)
+            save_trained(peft, state, tmp / ckpt.ADAPTER_DIR, trained)
             torch.save({
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "world_size": world, "config": cfg.model_dump(mode="json"),
@@ -340,7 +354,7 @@ def train(
                 sync = nullcontext() if j == n_micro - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     part, _ = loss_mod.answer_loss_sum(model, b)
-                    # DDP averages gradients over processes; * world undoes that.
+                    # DDP, FSDP and DeepSpeed average gradients over processes; * world undoes that.
                     accelerator.backward(part / max(n_total, 1) * world)
                 loss_sum += part.detach().float()
             step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_total, 1)
@@ -352,7 +366,8 @@ def train(
                     "check these samples, or use another precision")
             grad_norm = None
             if tc.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+                grad_norm = distributed.grad_norm_value(accelerator.clip_grad_norm_(
+                    distributed.clip_parameters(accelerator, model, params), tc.max_grad_norm))
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
@@ -388,7 +403,12 @@ def train(
             if not (tc.save_every_steps and global_step % tc.save_every_steps == 0):
                 last_ckpt = save_checkpoint(epoch + 1, 0)
                 say(f"checkpoint {last_ckpt} (end of epoch {epoch + 1})")
-            if evaluate_fn is not None and cfg.eval.during_training:
+            if evaluate_fn is not None and cfg.eval.during_training and not distributed.can_evaluate_on_main(accelerator):
+                if epoch == epoch0:
+                    say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
+                        "are sharded; generating on one process would hang the others); evaluate a checkpoint "
+                        "afterwards: phi4mm-lora evaluate CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
+            elif evaluate_fn is not None and cfg.eval.during_training:
                 if main:
                     model.eval()
                     with torch.no_grad():
@@ -410,8 +430,9 @@ def train(
 
     # ------------------------------------------------------------------ cleanup
     adapter_dir = run_dir / "adapter"
+    trained = distributed.gather_trained(accelerator, model, peft)  # collective
     if main:
-        ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp))
+        ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop
