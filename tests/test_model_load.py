@@ -144,6 +144,23 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert not filecmp.cmp(a / "model.safetensors", c / "model.safetensors", shallow=False)
 
 
+def test_processes_building_the_tiny_model_at_once_all_get_it(tmp_path):
+    """torchrun workers on a fresh machine all call ensure_tiny at the same moment."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from phi4mm_lora.model.tiny import ensure_tiny; print(ensure_tiny())"
+    env = dict(os.environ, PHI4MM_LORA_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]
+    assert {o.strip().splitlines()[-1] for o, _ in outs} == {str(tmp_path / "tiny-native-seed0")}
+    assert (tmp_path / "tiny-native-seed0" / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny-") and p.is_dir()]
+
+
 def test_tiny_tokenizer_has_real_special_ids(tiny_native):
     loaded = load_model(ModelConfig(path=str(tiny_native)), "fp32", AdapterConfig())
     tok = loaded.processor.tokenizer

@@ -114,6 +114,7 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
         raise UserError(f"{out} exists and is not empty; choose a new folder or delete it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         torch.manual_seed(seed)
         config = tiny_config()
@@ -150,16 +151,28 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """Return the cached tiny model, building it once (safe if two processes race)."""
+    """Return the cached tiny model, building it once.
+
+    Several processes (torchrun/accelerate workers, parallel test runs) may ask at the same
+    moment on a fresh machine; an exclusive lock on a file next to the model makes one of
+    them build while the others wait and then reuse it.
+    """
     root = cache_dir or default_cache_dir()
     target = root / f"tiny-{layout}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    try:
-        build_tiny(target, layout=layout, seed=seed)
-    except OSError:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".tiny-{layout}-seed{seed}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no lock, build_tiny's atomic rename still avoids half folders
+            pass
         if not (target / "config.json").is_file():
-            raise
+            if target.exists():  # left by a build that was killed before its atomic rename (older versions)
+                shutil.rmtree(target)
+            build_tiny(target, layout=layout, seed=seed)
     return target
 
 

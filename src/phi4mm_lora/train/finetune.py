@@ -407,7 +407,7 @@ def train(
                 if epoch == epoch0:
                     say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
                         "are sharded; generating on one process would hang the others); evaluate a checkpoint "
-                        "afterwards: phi4mm-lora evaluate CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
+                        "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
             elif evaluate_fn is not None and cfg.eval.during_training:
                 if main:
                     model.eval()
