@@ -140,7 +140,21 @@ def demo(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``validate``, ``bench train`` and ``demo``."""
-    t = subparsers.add_parser("train", help="fine-tune with a run config (accelerate launch for several processes)")
+    t = subparsers.add_parser(
+        "train", help="fine-tune with a run config (accelerate launch for several processes)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune Phi-4-multimodal with LoRA as the run config says; writes the run folder\n"
+        "(output_dir): config.yaml, metrics.jsonl, tensorboard/, loss_curve.png, summary.json,\n"
+        "checkpoints/step-N/ (newest train.keep_checkpoints kept) and the trained adapter/.",
+        epilog="examples:\n"
+        "  phi4mm-lora train configs/demo.yaml train.epochs=1\n"
+        "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=/data/speechocean762\n"
+        "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=... --resume\n"
+        "  accelerate launch --num_processes 4 -m phi4mm_lora train configs/pronunciation-paper.yaml ...\n"
+        "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m phi4mm_lora train CONFIG ...\n"
+        "  torchrun --nproc_per_node 2 -m phi4mm_lora train CONFIG model.device=cpu   (several CPU processes)\n"
+        "Check a config first with: phi4mm-lora validate CONFIG [key=value ...]",
+    )
     t.add_argument("config", help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=1e-4 train.max_steps=10")
     t.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
