@@ -14,7 +14,7 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4mm_lora.cli import data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
+    from phi4mm_lora.cli import config_cmds, data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
 
     parser = argparse.ArgumentParser(
         prog="phi4mm-lora",
@@ -27,15 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    # commands that never load a model set light=True, so they start without importing transformers
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds):
+    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds, config_cmds):
         module.register(sub)
     return parser
 
 
 def _quiet_libraries() -> None:
-    """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output."""
+    """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output.
+
+    Only environment variables and warning filters here: importing transformers would cost
+    a second on every command, even ``--help`` (see :func:`_quiet_transformers`).
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A warning is a note to the user, not a code location: print it as one line.
@@ -45,6 +50,10 @@ def _quiet_libraries() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars (weight loading) for commands that load a model."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -60,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not debug and not getattr(args, "light", False):
+        _quiet_transformers()
     try:
         code = args.handler(args)
     except (UserError, CheckFailed) as exc:
