@@ -118,7 +118,8 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     if cfg.mode in ("fresh", "stacked"):
         target = resolve_targets(model, cfg.target_modules, cfg.include_towers)
         fresh_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target, bias="none")
-    if cfg.mode == "fresh" and base in pretrained:
+    # with init_from the fresh adapter is a trained one (evaluate/score --adapter RUN): nothing is lost
+    if cfg.mode == "fresh" and base in pretrained and not cfg.init_from:
         notes.append(
             f"pretrained {base!r} adapter discarded: a fresh r={cfg.r} adapter replaces it, so the model's "
             f"{'audio' if base == 'speech' else 'image'} understanding is lost until it is retrained"
@@ -139,10 +140,15 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     peft: PeftModel | None = None
     for name, lcfg, weights in order:
         lcfg = LoraConfig(**{**lcfg.to_dict(), "inference_mode": False})
-        if peft is None:
-            peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
-        else:
-            peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
+        with warnings.catch_warnings():
+            # PEFT warns on every load when lm_head (tied to the embeddings) is a LoRA target.
+            # Training and generation are unaffected: the LoRA delta is a separate module and the
+            # tied matrix stays frozen; only merging changes both (see merge_and_save).
+            warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*ensure_weight_tying")
+            if peft is None:
+                peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
+            else:
+                peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
         if weights is not None:
             _load_weights(peft, name, weights)
     assert peft is not None
@@ -235,7 +241,12 @@ def load_extra_modules(peft: PeftModel, folder: Path) -> int:
 
 
 def merge_and_save(peft: PeftModel, state: AdapterState, out_dir: Path, processor=None) -> Path:
-    """Merge the active adapter(s) into the base weights and save a plain transformers model."""
+    """Merge the active adapter(s) into the base weights and save a plain transformers model.
+
+    A LoRA on ``lm_head`` merges into the matrix ``lm_head`` shares with the input embeddings
+    (Phi-4 ties them), so the merged model's embeddings change too; keep such adapters unmerged
+    where the input side must stay exactly the base model's.
+    """
     merged = peft.merge_and_unload(adapter_names=state.active)
     merged.save_pretrained(str(out_dir))
     if processor is not None:
