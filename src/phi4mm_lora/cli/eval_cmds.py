@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate answers for a data split and report the paper's metrics (Table 3 columns)",
         description="Greedy, batched generation for every utterance of a split, then PCC per APA aspect, "
         "WER/PER and MDD precision/recall/F1, parse failures per task. Writes predictions.jsonl, "
-        "results.json, report.md and plots to --output. Example: phi4mm-lora evaluate --adapter runs/demo "
-        "--split test --output runs/demo/eval --compare runs/untrained-eval",
+        "results.json, report.md and plots into the run: RUN/eval/<split>-<time>/ (or --output). "
+        "Example: phi4mm-lora evaluate --adapter runs/demo --split test --compare runs/untrained-eval",
     )
     add_run_args(p)
     p.add_argument("--adapter", metavar="RUN_OR_DIR", help="training run folder (uses RUN/adapter) or adapter folder")
@@ -100,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split, i.e. test)")
     p.add_argument("--task", choices=("apa", "mdd", "both"), help="which task(s) (default: both)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate at most N utterances")
-    p.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the config)")
+    p.add_argument("--output", metavar="DIR", help="output folder, which must not hold an evaluation yet "
+                   "(default: RUN/eval/<split>-<time>/ of the --adapter's run, else of the config's output_dir)")
     p.add_argument("--compare", metavar="RESULTS_OR_RUN", help="results.json (or its folder) to show side by side")
     p.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -150,7 +152,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.adapter:
         cfg = with_adapter(cfg, args.adapter)
     compare = load_results(Path(args.compare)) if args.compare else None  # fail before loading the model
-    out = Path(args.output or cfg.output_dir)
+    out = eval_output_dir(cfg, args.adapter, args.output, args.split or cfg.data.eval_split)
+    # stderr under --json, so stdout stays one JSON document
+    (Console(stderr=True) if args.json else console).print(f"evaluation of split {args.split or cfg.data.eval_split!r} "
+                                                           f"goes to {out}")
     results = evaluate(cfg, split=args.split, limit=args.limit, output_dir=out, compare=compare,
                        name=Path(args.adapter).name if args.adapter else "this run", progress=not args.no_progress,
                        compare_name=_name(args.compare))
@@ -167,6 +172,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(f"{meta['examples']} examples in {meta['generation_seconds']} s "
                   f"({meta['examples_per_second']} examples/s); report: {out / 'report.md'}")
     return 0
+
+
+def eval_output_dir(cfg: RunConfig, adapter: str | None, output: str | None, split: str) -> Path:
+    """Where an evaluation goes; never a folder that already holds one.
+
+    ``--output`` when given; otherwise ``RUN/eval/<split>-<time>/`` inside the run the adapter
+    came from (the folder of its ``config.yaml``; an adapter folder without one keeps its
+    evaluations itself), or inside the config's ``output_dir`` without ``--adapter``.
+    """
+    if output:
+        out = Path(output).expanduser()
+        if (out / "results.json").exists():
+            raise UserError(f"--output {out} already holds an evaluation (results.json); pass a new folder, "
+                            "or leave --output out to get a fresh RUN/eval/<split>-<time>/ folder")
+        return out
+    if adapter:
+        folder, run_cfg = resolve_adapter(adapter)
+        run = run_cfg.parent if run_cfg is not None else folder
+    else:
+        run = Path(cfg.output_dir).expanduser()
+    base = run / "eval" / f"{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 2
+    while out.exists():  # two evaluations in the same second
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
 
 
 def _name(compare: str | None) -> str:
