@@ -84,7 +84,8 @@ def test_feedback_formats_a_real_answer() -> None:
     for part in render(r):
         console.print(part)
     text = buf.getvalue()
-    assert "bear" in text and "substitution" in text and "zorblax" in text and "8" in text
+    assert "bear" in text and "EH->IH" in text and "EH heard as IH" in text and "zorblax" in text
+    assert "8/10" in text and "generally correct" in text  # accuracy 7-8 band of prompts/apa.txt
 
 
 def test_feedback_unparseable_answers() -> None:
