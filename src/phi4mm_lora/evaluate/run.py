@@ -222,7 +222,8 @@ class EpochEvaluator:
     """Callable for the trainer's ``evaluate_fn(model, processor, epoch) -> dict``.
 
     Scores a fixed subset of ``cfg.eval.subset`` utterances of the eval split, writes
-    ``<output_dir>/eval/epoch-<n>/`` (predictions, results, report) and returns the main
+    ``<output_dir>/eval/epoch-<n>/`` (``eval/step-<n>/`` for a mid-epoch call with ``step=``;
+    predictions, results, report, compared with the previous evaluation) and returns the main
     metrics flat (``total_pcc``, ``per``, ``wer``, ``f1``..., ``parse_failures``), which the
     trainer logs as ``eval/<key>``. ``evaluator(epoch)`` alone works when a loaded model
     was given.
@@ -231,7 +232,7 @@ class EpochEvaluator:
     def __init__(self, cfg: RunConfig, loaded: Any | None = None, progress: bool = False) -> None:
         self.cfg, self.loaded, self.progress = cfg, loaded, progress
         self._examples: list[Example] | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[tuple[str, dict[str, Any]]] = []  # (label, results) per call
 
     def examples(self, audio_token: str) -> list[Example]:
         if self._examples is None:
@@ -240,7 +241,7 @@ class EpochEvaluator:
             self._examples = subset_utterances(all_ex, self.cfg.eval.subset, self.cfg.seed)
         return self._examples
 
-    def __call__(self, *args: Any) -> dict[str, Any]:
+    def __call__(self, *args: Any, step: int | None = None) -> dict[str, Any]:
         if len(args) == 1:
             if self.loaded is None:
                 raise TypeError("evaluator(epoch) needs a loaded model; call evaluator(model, processor, epoch)")
@@ -250,12 +251,13 @@ class EpochEvaluator:
         examples = self.examples(processor.audio_token)
         records, timing = predict(self.cfg, model, processor, examples, self.progress)
         results = compute_all(records)
-        out = Path(self.cfg.output_dir).expanduser() / "eval" / f"epoch-{epoch}"
+        label = f"step {step}" if step is not None else f"epoch {epoch}"
+        out = Path(self.cfg.output_dir).expanduser() / "eval" / label.replace(" ", "-")
         save_predictions(records, out / "predictions.jsonl")
         previous = self.history[-1] if self.history else None
-        write_report(results, records, out, compare=previous,
-                     compare_name=f"epoch {epoch - 1}", name=f"epoch {epoch}")
-        self.history.append(results)
+        write_report(results, records, out, compare=previous[1] if previous else None,
+                     compare_name=previous[0] if previous else "previous", name=label)
+        self.history.append((label, results))
         return flat_metrics(results)
 
 

@@ -24,8 +24,9 @@ What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
 
 Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
 each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
-the data. After each epoch an optional ``evaluate_fn(model, processor, epoch) -> dict`` is
-called (when ``eval.during_training``) and its numbers are logged with the losses; under FSDP
+the data. After each epoch (and every ``eval.every_steps`` steps, when set) an optional
+``evaluate_fn(model, processor, epoch) -> dict`` is called (when ``eval.during_training``) and
+its numbers are logged with the losses; at the end the config goes to TensorBoard as hparams; under FSDP
 or ZeRO-3 it is skipped with a warning (generation on one process would deadlock the others):
 evaluate the saved checkpoint with ``phi4mm-lora evaluate`` instead.
 """
@@ -51,7 +52,8 @@ from phi4mm_lora.train import checkpoint as ckpt
 from phi4mm_lora.train import distributed
 from phi4mm_lora.train import loss as loss_mod
 
-#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
+#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log; called after each
+#: epoch, and with ``eval.every_steps`` also mid-epoch as ``evaluate_fn(model, processor, epoch, step=N)``.
 EvaluateFn = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
 
@@ -161,6 +163,26 @@ def plot_losses(metrics_file: Path, out_png: Path, title: str = "training loss")
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def log_hparams(writer: Any, cfg: RunConfig, summary: dict[str, Any]) -> None:
+    """The run config as TensorBoard hparams (dotted keys), with the final numbers as its metrics,
+    so TensorBoard's HPARAMS tab compares runs by setting. Written into the run's own event folder."""
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:  # hparams take numbers, strings and booleans only
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        return out
+
+    metrics = {f"hparam/{k}": float(summary[k]) for k in ("final_loss", "min_loss", "steps")
+               if isinstance(summary.get(k), (int, float))}
+    for k, v in (summary.get("eval") or {}).items():
+        if k not in ("type", "step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            metrics[f"hparam/eval_{k}"] = float(v)
+    writer.add_hparams(flat(cfg.model_dump(mode="json")), metrics, run_name=".")
 
 
 def train(
@@ -324,6 +346,29 @@ def train(
         accelerator.wait_for_everyone()
         return final
 
+    last_eval_step: int | None = None
+
+    def run_eval(epoch_value: float, when: str, step: int | None = None) -> None:
+        """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
+        nonlocal last_eval_step
+        if main:
+            model.eval()
+            with torch.no_grad():
+                extra = {} if step is None else {"step": step}
+                result = dict(evaluate_fn(peft, processor, epoch_value, **extra))
+            model.train()
+            erow = {"type": "eval", "step": global_step, "epoch": epoch_value, **result}
+            eval_rows.append(erow)
+            record(erow)
+            if writer is not None:
+                for k, v in result.items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(f"eval/{k}", v, global_step)
+            say(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in result.items()))
+        last_eval_step = global_step
+        accelerator.wait_for_everyone()
+
     # ------------------------------------------------------------------ train
     model.train()
     losses: list[float] = []
@@ -397,6 +442,10 @@ def train(
             if tc.save_every_steps and global_step % tc.save_every_steps == 0:
                 last_ckpt = save_checkpoint(epoch, s + 1)
                 say(f"checkpoint {last_ckpt}")
+            every = cfg.eval.every_steps
+            if (every and global_step % every == 0 and s + 1 < spe and evaluate_fn is not None
+                    and cfg.eval.during_training and distributed.can_evaluate_on_main(accelerator)):
+                run_eval(round(epoch + (s + 1) / spe, 4), f"at step {global_step}", step=global_step)
 
         epoch_done = last == spe
         if epoch_done:
@@ -408,22 +457,8 @@ def train(
                     say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
                         "are sharded; generating on one process would hang the others); evaluate a checkpoint "
                         "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
-            elif evaluate_fn is not None and cfg.eval.during_training:
-                if main:
-                    model.eval()
-                    with torch.no_grad():
-                        result = dict(evaluate_fn(peft, processor, epoch + 1))
-                    model.train()
-                    erow = {"type": "eval", "step": global_step, "epoch": epoch + 1, **result}
-                    eval_rows.append(erow)
-                    record(erow)
-                    if writer is not None:
-                        for k, v in result.items():
-                            if isinstance(v, (int, float)):
-                                writer.add_scalar(f"eval/{k}", v, global_step)
-                    say(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                              for k, v in result.items()))
-                accelerator.wait_for_everyone()
+            elif evaluate_fn is not None and cfg.eval.during_training and last_eval_step != global_step:
+                run_eval(epoch + 1, f"after epoch {epoch + 1}")
         if global_step >= total_steps:
             break
     bar.close()
@@ -449,6 +484,7 @@ def train(
     }
     if main:
         if writer is not None:
+            log_hparams(writer, cfg, summary)
             writer.close()
         summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
