@@ -70,8 +70,7 @@ def _snapshot(repo_id: str, revision: str) -> Path:
     except Exception as exc:  # network, auth, missing revision
         raise UserError(
             f"could not fetch {repo_id}@{revision} from the hub ({type(exc).__name__}: {str(exc)[:200]}); "
-            "download it elsewhere and pass the local folder as model.path=DIR (--model DIR in verify, "
-            "inspect, evaluate and score)"
+            "download it elsewhere and set model.path to the local folder (model.path=DIR)"
         ) from None
 
 
