@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
             "with a pronunciation-assessment recipe (APA scores + MDD transcripts). "
             "Every command that takes --model uses a tiny test model when it is left out."
         ),
-        epilog="Start with: phi4mm-lora doctor; phi4mm-lora verify; phi4mm-lora train configs/demo.yaml",
+        epilog="Start with: phi4mm-lora doctor; phi4mm-lora verify; phi4mm-lora train configs/demo.yaml\n"
+        "Config keys and what they do: phi4mm-lora config show [SECTION]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")

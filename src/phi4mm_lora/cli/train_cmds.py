@@ -166,7 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(handler=cmd_train)
 
-    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)")
+    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)",
+                              epilog="Every key, with type, default and meaning: phi4mm-lora config show [SECTION]")
     v.add_argument("config", help="run config YAML")
     v.add_argument("overrides", nargs="*", metavar="key=value")
     v.set_defaults(handler=cmd_validate, light=True)
