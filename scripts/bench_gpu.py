@@ -1,6 +1,6 @@
 """Training throughput of the real ``train`` recipe on one GPU: s/step, examples/s, tokens/s, MFU, memory.
 
-    python scripts/bench_gpu.py                      # random full-size checkpoint, bf16/nf4/selective
+    python scripts/bench_gpu.py                      # random full-size checkpoint, the 5 rows measured before
     python scripts/bench_gpu.py --checkpoint DIR     # an existing native checkpoint (skips writing one)
     python scripts/bench_gpu.py --dry-run            # tiny model on CPU: checks the harness (CI runs it)
 
@@ -110,23 +110,21 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
     config = json.loads((Path(resolve_path(ModelConfig(path=model_path))) / "config.json").read_text())
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops()
     results = []
-    for plan in args.plans:
-        for batch in args.batches:
-            for gc in args.gc:
-                r = run_row(model_path, plan, batch, gc, args.steps, device, out)
-                row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
-                if "error" in r:
-                    row["error"] = r["error"]
-                else:
-                    st = steady_state(r["rows"], batch, args.warmup)
-                    fpt = decoder_flops_per_token(config, r["summary"]["trainable_params"], st["tokens_per_example"],
-                                                  st["answer_share"])
-                    row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
-                               peak_alloc_gb=r.get("peak_alloc", 0) / 1e9 or None,
-                               peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
-                               trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"])
-                results.append(row)
-                print(table_line(row), flush=True)
+    for plan, batch, gc in args.rows:
+        r = run_row(model_path, plan, batch, gc, args.steps, device, out)
+        row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
+        if "error" in r:
+            row["error"] = r["error"]
+        else:
+            st = steady_state(r["rows"], batch, args.warmup)
+            fpt = decoder_flops_per_token(config, r["summary"]["trainable_params"], st["tokens_per_example"],
+                                          st["answer_share"])
+            row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
+                       peak_alloc_gb=r.get("peak_alloc", 0) / 1e9 or None,
+                       peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
+                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"])
+        results.append(row)
+        print(table_line(row), flush=True)
     return results
 
 
@@ -141,6 +139,9 @@ def gpu_peak_flops() -> float | None:
             return tflops * 1e12
     return None
 
+
+# The rows measured before the speed work (gpu-measurements.md), so before/after compare 1:1.
+DEFAULT_ROWS = (("bf16", 8, True), ("bf16", 8, False), ("nf4", 8, True), ("selective", 8, True), ("selective", 1, True))
 
 HEADER = ("| plan | grad ckpt | batch | steady s/step | examples/s | tokens/s | MFU | peak alloc GB | peak reserved GB |\n"
           "|---|---|---|---|---|---|---|---|---|")
@@ -173,9 +174,10 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="native checkpoint folder; default: write a random full-size one (GPU)")
-    p.add_argument("--plans", type=lambda s: s.split(","), default=["bf16", "nf4", "selective"])
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 1])
-    p.add_argument("--gc", type=lambda s: [x == "on" for x in s.split(",")], default=[True, False],
+    p.add_argument("--plans", type=lambda s: s.split(","), help="precision plans, e.g. bf16,nf4 (with --batches, --gc: "
+                   "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
+    p.add_argument("--gc", type=lambda s: [x == "on" for x in s.split(",")], default=[True],
                    help="gradient checkpointing settings to try, e.g. on,off")
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per row")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady state")
@@ -186,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    args.rows = ([(p_, b, g) for p_ in args.plans for b in args.batches for g in args.gc] if args.plans
+                 else list(DEFAULT_ROWS))
     if args.dry_run:
-        args.plans, args.batches, args.gc = ["fp32"], [2, 1], [False]
+        args.rows = [("fp32", 2, False), ("fp32", 1, False)]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
         model_path, device = None, "cpu"
         write_s = 0.0
