@@ -412,6 +412,6 @@ def describe_config(section: str | None = None) -> list[dict[str, Any]]:
 
 def config_schema() -> dict[str, Any]:
     """The run config as JSON Schema (for YAML editors: completion, hover text, checking)."""
-    schema = RunConfig.model_json_schema()
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **RunConfig.model_json_schema()}
     schema["title"] = "phi4mm-lora run config"
     return schema
