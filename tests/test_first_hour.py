@@ -66,6 +66,17 @@ def test_training_warnings_are_true_and_printed_once(run) -> None:
     assert len(warns) == 1, warns
 
 
+def test_a_warning_is_printed_once_per_command_even_when_filters_change() -> None:
+    """``catch_warnings`` (which libraries use) resets Python's once-per-location registry: the
+    demo loads the model twice and used to print 'adapter discarded' twice."""
+    code = ("import warnings; from phi4mm_lora.cli import _quiet_libraries; _quiet_libraries()\n"
+            "def load():\n    warnings.warn('pretrained adapter discarded')\n"
+            "load()\nwith warnings.catch_warnings():\n    warnings.simplefilter('ignore', FutureWarning)\n"
+            "load(); warnings.warn('another note')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err.splitlines() == ["warning: pretrained adapter discarded", "warning: another note"]
+
+
 def test_evaluating_a_trained_adapter_prints_no_false_warning_and_lands_in_the_run(run, tiny_native) -> None:
     out, _ = run
     res = cli("evaluate", "--model", str(tiny_native), "--adapter", str(out), "--limit", "1", "--task", "apa",

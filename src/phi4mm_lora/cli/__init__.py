@@ -44,8 +44,19 @@ def _quiet_libraries() -> None:
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # A warning is a note to the user, not a code location: print it as one line.
+    # A warning is a note to the user, not a code location: print it as one line, once per
+    # command. Python's own once-per-location registry is reset whenever any library touches the
+    # warning filters (catch_warnings does), so a demo that loads the model twice said it twice.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    seen: set[str] = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show_once
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
