@@ -254,3 +254,29 @@ def test_help_texts_render(argv, capsys) -> None:
         main(argv)
     assert exc.value.code == 0
     assert "usage: phi4mm-lora" in capsys.readouterr().out
+
+
+def _help_strings(tree: ast.AST) -> set[str]:
+    """help=, description= and epilog= texts of the argparse calls."""
+    return {t for n in ast.walk(tree) if isinstance(n, ast.Call)
+            for kw in n.keywords if kw.arg in ("help", "description", "epilog") for t in _strings(kw.value)}
+
+
+def test_every_config_key_named_in_messages_exists() -> None:
+    """``train.batch_size``, ``adapter.mode=fresh`` ... in messages and help must be real keys."""
+    sections = {name: f.annotation for name, f in RunConfig.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, RunConfig.__mro__[1])}
+    key = re.compile(r"(?<![\w./-])(" + "|".join(sections) + r")\.([a-z_]+)\b(?![./]\w)")
+    texts = [(str(p.relative_to(ROOT)), t) for p in sorted(SRC.rglob("*.py"))
+             for t in _message_strings(ast.parse(p.read_text())) | _help_strings(ast.parse(p.read_text()))]
+    texts += [("README.md", ln) for ln in (ROOT / "README.md").read_text().splitlines() if "unknown key" not in ln]
+    bad, checked = [], 0
+    for where, text in texts:
+        for m in key.finditer(text):
+            if m[2] in ("py", "yaml", "jsonl", "json", "txt", "scp"):  # file names such as train.jsonl
+                continue
+            checked += 1
+            if m[2] not in sections[m[1]].model_fields:
+                bad.append(f"{where}: {m[0]} is not a config key ({text.strip()[:100]!r})")
+    assert not bad, "\n".join(bad)
+    assert checked > 20
