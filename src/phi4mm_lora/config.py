@@ -239,7 +239,7 @@ class EvalConfig(_Section):
     """Upper bound on the answer length in tokens (a task's own budget is used when smaller)."""
     during_training: bool = True
     """Evaluate a subset of the eval split while training (after each epoch, see every_steps)."""
-    subset: int = Field(32, description="Utterances of the eval split scored after each epoch.")
+    subset: int = Field(32, description="Utterances of the eval split scored at each evaluation during training.")
     every_steps: int | None = Field(
         None,
         description="Also evaluate every N optimizer steps, mid-epoch; null: only after each epoch.",
