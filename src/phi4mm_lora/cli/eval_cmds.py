@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +191,9 @@ def eval_output_dir(cfg: RunConfig, adapter: str | None, output: str | None, spl
         run = run_cfg.parent if run_cfg is not None else folder
     else:
         run = Path(cfg.output_dir).expanduser()
-    base = run / "eval" / f"{split}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 2
-    while out.exists():  # two evaluations in the same second
-        out, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return out
+    from phi4mm_lora.evaluate.run import fresh_eval_dir
+
+    return fresh_eval_dir(run, split)
 
 
 def _name(compare: str | None) -> str:

@@ -130,7 +130,7 @@ def evaluate(
 
     ``limit`` caps utterances (both tasks of an utterance are kept); ``compare`` is another
     run's results.json, its run folder, or the loaded dict, shown side by side with deltas.
-    Output (``output_dir``, default ``cfg.output_dir``): predictions.jsonl, results.json
+    Output (``output_dir``, default a new ``<cfg.output_dir>/eval/<split>-<time>/``): predictions.jsonl, results.json
     (exactly ``compute_all(predictions)``), report.md, PNG plots, config.yaml and run.json
     (model, adapter, timing, failures). The returned dict is results.json plus ``meta``
     (run.json's content).
@@ -138,7 +138,7 @@ def evaluate(
     split = split or cfg.data.eval_split
     if limit is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
-    out = Path(output_dir or cfg.output_dir).expanduser()
+    out = Path(output_dir).expanduser() if output_dir else fresh_eval_dir(cfg.output_dir, split)
     baseline = compare if isinstance(compare, dict) or compare is None else load_results(Path(compare))
     loaded = _load(cfg, loaded)
     examples, data_report = build_examples(cfg.data, cfg.prompts, split,
@@ -167,6 +167,16 @@ def evaluate(
     with paths["report"].open("a", encoding="utf-8") as fh:
         fh.write("\n" + "\n".join(_run_section(meta)) + "\n")
     return {**results, "meta": meta}
+
+
+def fresh_eval_dir(run_dir: str | Path, split: str) -> Path:
+    """``RUN/eval/<split>-<time>/``, a folder no earlier evaluation used (suffix -2, -3 ... when
+    two start in the same second), so evaluations of a run sit with it and never overwrite."""
+    base = Path(run_dir).expanduser() / "eval" / f"{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 2
+    while out.exists():
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
 
 
 def _run_section(meta: dict[str, Any]) -> list[str]:
