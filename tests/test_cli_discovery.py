@@ -34,6 +34,17 @@ def test_building_the_parser_imports_no_torch_or_transformers() -> None:
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize("argv", [["validate", "configs/demo.yaml"], ["config", "show"], ["config", "schema"]])
+def test_commands_that_load_no_model_import_no_torch(argv: list[str]) -> None:
+    """validate (with its pre-flight checks) and config answer from the config alone: torch and
+    transformers cost 1-3 s of imports, more than the whole 1.5 s budget."""
+    code = (f"import sys; from phi4mm_lora.cli import main; rc = main({argv!r}); "
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules), "
+            "file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert res.stderr.strip().splitlines()[-1] == "0 []", res.stderr
+
+
 def _median_seconds(argv: list[str], runs: int = 3) -> float:
     times = []
     for _ in range(runs):
