@@ -118,11 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--config", metavar="YAML", help="run config (see configs/); flags below override it")
     s.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder or hub id (default: the tiny test model)")
     s.add_argument("--precision", choices=("auto", *PRECISIONS), help="precision plan (default: auto)")
-    s.add_argument("audio", nargs="+", metavar="AUDIO",
-                   help="recording(s) of the sentence, then optional key=value config overrides")
+    s.add_argument("audio", nargs="*", metavar="AUDIO",
+                   help="recording(s) of the sentence (WAV, FLAC, MP3, OGG/Opus, WebM/Opus, M4A), "
+                   "then optional key=value config overrides")
     s.add_argument("--text", help="the sentence that was read (required)")
     s.add_argument("--adapter", metavar="RUN_OR_DIR", help="training run folder or adapter folder")
     s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from phi4mm_lora.cli.service_cmds import add_batch_args
+
+    add_batch_args(s)
     s.set_defaults(handler=cmd_score)
 
 
@@ -180,6 +184,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from phi4mm_lora.evaluate.score import check_inputs, render, score
 
     _positional_overrides(args)
+    if args.batch:
+        from phi4mm_lora.cli.service_cmds import cmd_score_batch
+
+        return cmd_score_batch(args)
     cfg = run_config(args)
     check_inputs(args.audio, args.text)  # before the adapter and model are loaded
     if args.adapter:
