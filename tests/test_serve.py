@@ -216,6 +216,26 @@ def test_bad_inputs_get_4xx_json_and_the_server_survives(server, recordings) -> 
     assert ok.status_code == 200 and set(ok.json()["scores"]) == SCORE_KEYS
 
 
+def test_serve_refuses_bad_setup_before_loading(tmp_path: Path, capsys) -> None:
+    from phi4mm_lora.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (["serve", "--adapter", str(tmp_path / "nope")], "does not exist"),
+            (["serve", "--port", str(port)], "pick another with --port"),
+            (["serve", "--max-seconds", "0"], "--max-seconds"),
+        ]
+        for argv, msg in cases:
+            t = time.monotonic()
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert msg in err and len(err.splitlines()) == 1, err
+            assert time.monotonic() - t < 5  # refused before the model is loaded
+
+
 # --------------------------------------------------------------------------- real browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
