@@ -107,7 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     meta = results["meta"]
     from phi4mm_lora.model.provenance import provenance_line
 
-    console.print(f"produced by: {provenance_line(meta['provenance'])}")
+    console.print(f"produced by: {provenance_line(meta['provenance'])}", soft_wrap=True, highlight=False)
     console.print(f"{meta['examples']} examples in {meta['generation_seconds']} s "
                   f"({meta['examples_per_second']} examples/s); report: {out / 'report.md'}")
     return 0
@@ -140,5 +140,5 @@ def cmd_score(args: argparse.Namespace) -> int:
     if results:
         from phi4mm_lora.model.provenance import provenance_line
 
-        console.print(f"scored by: {provenance_line(results[0]['provenance'])}")
+        console.print(f"scored by: {provenance_line(results[0]['provenance'])}", soft_wrap=True, highlight=False)
     return 0
