@@ -236,8 +236,9 @@ def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path,
                 mod = inner.get_submodule(m)
                 for k, v in mod.named_buffers():
                     owner, _, leaf = k.rpartition(".")
-                    if leaf not in mod.get_submodule(owner)._non_persistent_buffers_set:
-                        extra.setdefault(f"{m}.{k}", v.detach().to("cpu").contiguous())
+                    if leaf not in mod.get_submodule(owner)._non_persistent_buffers_set:  # fp32 like the master weights
+                        extra.setdefault(f"{m}.{k}", v.detach().to("cpu", torch.float32 if v.is_floating_point()
+                                                                    else v.dtype).contiguous())
             _add_modules_to_save(out_dir, extra, modules)
     return out_dir
 
