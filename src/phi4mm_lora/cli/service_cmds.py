@@ -45,10 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _configured(args: argparse.Namespace) -> RunConfig:
-    from phi4mm_lora.cli.eval_cmds import with_adapter
-
+    """The run config; with ``--adapter RUN`` the run's adapter on the run's base model (``--model`` wins)."""
     cfg = run_config(args)
-    return with_adapter(cfg, args.adapter) if getattr(args, "adapter", None) else cfg
+    if not getattr(args, "adapter", None):
+        return cfg
+    from phi4mm_lora.model.run_folder import Run
+
+    return Run.open(args.adapter).configure(cfg)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -99,10 +99,18 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
 
 
 def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
-          progress: bool = False) -> list[dict[str, Any]]:
-    """Score each recording against ``text``; one :func:`feedback` dict per recording."""
+          progress: bool = False, run: Any | None = None) -> list[dict[str, Any]]:
+    """Score each recording against ``text``; one :func:`feedback` dict per recording.
+
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`): its adapter
+    on its own base model. Each dict carries ``provenance`` (model, adapter, precision, version).
+    """
     paths = check_inputs(audio_paths, text)
     assert text is not None
+    if run is not None:
+        from phi4mm_lora.model.run_folder import Run
+
+        cfg = Run.open(run).configure(cfg)
     if loaded is None:
         from phi4mm_lora.model.load import load_model
 
@@ -112,10 +120,14 @@ def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loade
         g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
                                       max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
     }
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
     out = []
     for n, p in enumerate(paths):
         apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
-        out.append(feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}))
+        out.append({**feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}),
+                    "provenance": prov})
     return out
 
 
@@ -189,10 +201,13 @@ def score_batch(cfg: RunConfig, loaded: Any, items: Sequence[ScoreItem],
                 decoded[ex_id] = it.samples
     gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
                                           max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
     out = []
     for n, it in enumerate(items):
         apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
         res = feedback(it.audio, it.text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error})
-        res["error"] = apa.error or mdd.error
+        res.update(error=apa.error or mdd.error, provenance=prov)
         out.append(res)
     return out
