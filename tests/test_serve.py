@@ -6,13 +6,15 @@ concurrency test notice an answer given to the wrong request. The answers are no
 (a random model), so the end-to-end tests check what the service did with whatever the model
 said; how a *parsed* answer is highlighted on the page is checked by handing the page a result
 that :func:`~phi4mm_lora.evaluate.score.feedback` (the server's own code) made from a given
-answer.
+answer. The browser is Debian's Chromium driven by selenium; its microphone is Chromium's fake
+capture device playing an espeak-ng recording, so the Record button's MediaRecorder path runs.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -243,7 +245,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser(tmp_path_factory, recordings):
     webdriver = pytest.importorskip("selenium.webdriver")
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("chromium + chromium-driver are not installed (make system-deps installs them)")
@@ -253,7 +255,10 @@ def browser(tmp_path_factory):
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1000,1400", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                 "--window-size=1000,1400", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+                 # the microphone: Chromium's fake capture device playing an espeak-ng recording
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={recordings[SENTENCES[0]]}"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -316,3 +321,26 @@ def test_browser_uploads_a_recording_and_shows_the_result(server, recordings, br
     bad_words = [e.find_element(By.CSS_SELECTOR, ".w").text for e in browser.find_elements(By.CSS_SELECTOR, "#sentence .word.has-issue")]
     assert bad_words == ["friend", "help", "pig"]
     browser.save_screenshot(str(shots / "page-highlighted.png"))
+
+
+def test_browser_records_with_mediarecorder_and_scores(server, browser) -> None:
+    """Record button -> MediaRecorder (Chromium: WebM/Opus) -> POST -> result, as on a phone or laptop."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "text").send_keys(SENTENCES[0])
+    browser.find_element(By.ID, "record").click()
+    WebDriverWait(browser, 20).until(lambda d: "Stop" in d.find_element(By.ID, "record").text)
+    time.sleep(1.5)
+    browser.find_element(By.ID, "record").click()
+    WebDriverWait(browser, 20).until(lambda d: "Recorded in the browser" in d.find_element(By.ID, "audio-status").text)
+    browser.find_element(By.ID, "score").click()
+    WebDriverWait(browser, 180).until(lambda d: d.find_element(By.ID, "result").get_attribute("data-state") in ("done", "error"))
+    assert browser.find_element(By.ID, "result").get_attribute("data-state") == "done", \
+        browser.find_element(By.ID, "error").text
+    audio_row = browser.find_element(By.ID, "transcripts").text
+    assert "WebM/Opus" in audio_row, audio_row  # what Chromium's MediaRecorder produced, decoded by the server
+    seconds = float(re.search(r"WebM/Opus, ([0-9.]+) s", audio_row).group(1))
+    assert 0.8 < seconds < 10, audio_row  # about the 1.5 s between Record and Stop
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#sentence .word .w")] == SENTENCES[0].split()
