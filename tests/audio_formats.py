@@ -46,12 +46,19 @@ def encode(samples: np.ndarray, sr: int, out: Path) -> Path:
 
 
 def espeak(text: str, out: Path) -> tuple[np.ndarray, int]:
-    """Speak ``text`` with espeak-ng into ``out`` (WAV); returns its samples and rate."""
+    """Speak ``text`` with espeak-ng into ``out`` (WAV); returns its samples and rate.
+
+    Without espeak-ng (``make system-deps`` installs it) a recording of the bundled corpus -
+    espeak-ng speech of other words - stands in, so the format and service tests still run.
+    """
     exe = shutil.which("espeak-ng") or shutil.which("espeak")
     if exe is None:
-        import pytest
+        from phi4mm_lora.data.examples import bundled_corpus_path
 
-        pytest.skip("espeak-ng is not installed (make system-deps installs it)")
+        flacs = sorted((bundled_corpus_path() / "WAVE").rglob("*.flac"))
+        x, sr = sf.read(str(flacs[sum(map(ord, text)) % len(flacs)]), dtype="float32")
+        sf.write(str(out), x, sr)
+        return x, sr
     subprocess.run([exe, "-v", "en-us", "-s", "150", "-w", str(out), text], check=True, capture_output=True)
     x, sr = sf.read(str(out), dtype="float32")
     return x, sr

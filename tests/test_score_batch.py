@@ -98,6 +98,7 @@ def test_bad_batch_inputs_fail_before_loading(tmp_path: Path, speech: Path, caps
         (["score", "--batch", str(speech)], "--sentences"),
         (["score", "--batch", str(bad_header.with_suffix(".txt"))], "use a .csv or .jsonl file"),
         (["score", "--batch", str(jl), str(speech / "bear.wav")], "not both"),
+        (["score", str(speech / "bear.wav"), "--text", "hi", "--output", "x.csv"], "go with --batch"),
         (["score", "--batch", str(jl), "--output", str(tmp_path / "o.txt")], ".jsonl or .csv"),
     ]:
         assert main(argv) == 2, argv

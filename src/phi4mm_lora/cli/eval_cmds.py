@@ -129,6 +129,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from phi4mm_lora.evaluate.score import check_inputs, render, score
 
     _positional_overrides(args)
+    if not args.batch and (args.sentences or args.output):
+        raise UserError("--sentences and --output go with --batch (score --batch LIST_OR_FOLDER ...)")
     if args.batch:
         from phi4mm_lora.cli.service_cmds import cmd_score_batch
 
