@@ -238,6 +238,17 @@ def test_serve_refuses_bad_setup_before_loading(tmp_path: Path, capsys) -> None:
             assert time.monotonic() - t < 5  # refused before the model is loaded
 
 
+def test_a_full_queue_is_refused_at_once() -> None:
+    from phi4mm_lora.serve.worker import QueueFull, ScoringWorker
+
+    worker = ScoringWorker(cfg=None, loaded=None, max_queue=2)  # not started: nothing leaves the queue
+    for _ in range(2):
+        worker.submit("a.wav", "hi", np.zeros(160, np.float32))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        worker.submit("a.wav", "hi", np.zeros(160, np.float32))
+    assert worker.waiting == 2
+
+
 # --------------------------------------------------------------------------- real browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -165,6 +165,7 @@ def create_app(worker: ScoringWorker, provenance: dict[str, Any], limits: Limits
         return JSONResponse({"sentences": sentences or []})
 
     async def score(request: Request) -> Response:
+        form = None
         try:
             form = await _form(request, await _read_body(request, limits.max_upload_bytes))
             text = _text(form, limits)
@@ -175,10 +176,15 @@ def create_app(worker: ScoringWorker, provenance: dict[str, Any], limits: Limits
         except QueueFull as exc:
             return JSONResponse({"error": "busy", "message": f"the service is busy ({exc}); retry shortly"},
                                 status_code=503, headers={"Retry-After": "2"})
+        finally:
+            if form is not None:
+                await form.close()  # the upload's spooled temporary file
         try:
             result = await asyncio.wrap_future(future)
         except Exception as exc:  # the model failed on this batch; the service goes on
             return error(500, "scoring_failed", f"scoring failed: {type(exc).__name__}: {exc}")
+        if result.get("error"):  # the model failed on this recording alone
+            return error(500, "scoring_failed", f"scoring failed: {result['error']}")
         result.update({
             "score_scale": [0, 10], "score_labels": SCORE_LABELS,
             "audio_info": {"format": fmt, "duration_s": round(len(samples) / TARGET_SR, 3)},
