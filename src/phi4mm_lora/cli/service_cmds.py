@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Loads the model once and serves POST /score (multipart 'audio' + 'text': four scores, "
         "transcripts, mispronounced phones), GET /health, and a web page at / (record in the browser or upload, "
         "type or pick a sentence). Requests are queued and batched onto the model. Accepts WAV, FLAC, MP3, "
-        "OGG/Opus, WebM/Opus and M4A. Example: phi4mm-lora serve --adapter runs/demo --port 8000",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "OGG/Opus, WebM/Opus and M4A. With --adapter RUN the run's base model is used unless --model is "
+        "given. Example: phi4mm-lora serve --adapter runs/demo --port 8000, then open http://127.0.0.1:8000/",
     )
     add_run_args(p)
     p.add_argument("--adapter", metavar="RUN_OR_DIR", help="training run folder or adapter folder to serve")
