@@ -14,7 +14,16 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4mm_lora.cli import config_cmds, data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
+    from phi4mm_lora.cli import (
+        config_cmds,
+        data_cmds,
+        eval_cmds,
+        export_cmd,
+        inspect_cmd,
+        model_cmds,
+        service_cmds,
+        train_cmds,
+    )
 
     parser = argparse.ArgumentParser(
         prog="phi4mm-lora",
@@ -31,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     # commands that never load a model set light=True, so they start without importing transformers
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds, config_cmds):
+    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds, export_cmd, service_cmds, config_cmds):
         module.register(sub)
     return parser
 
