@@ -67,9 +67,9 @@ class Run:
             return path if checkpoint is None else cls.open(path.root or path.adapter_dir, checkpoint)
         p = Path(path).expanduser()
         if not p.exists():
-            raise UserError(f"--adapter {p} does not exist; pass a training run folder or an adapter folder")
+            raise UserError(f"run or adapter folder {p} does not exist; pass a training run folder or an adapter folder")
         if not p.is_dir():
-            raise UserError(f"--adapter {p} is a file; pass the folder (a run folder or one holding {ADAPTER_CONFIG})")
+            raise UserError(f"run or adapter folder {p} is a file; pass the folder (a run folder or one holding {ADAPTER_CONFIG})")
         if checkpoint is not None:
             adapter = _checkpoint_adapter(p, checkpoint)
         elif is_adapter_folder(p):
@@ -78,9 +78,9 @@ class Run:
             adapter = p / "adapter"
         else:
             cks = _checkpoints(p)
-            hint = (f"; training did not finish: pass a checkpoint, e.g. --adapter {cks[-1] / 'adapter'}"
+            hint = (f"; training did not finish: pass a checkpoint such as {cks[-1] / 'adapter'}"
                     if cks else "")
-            raise UserError(f"--adapter {p} is not an adapter: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} in it "
+            raise UserError(f"{p} is not an adapter: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} in it "
                             f"or in {p / 'adapter'}{hint}")
         root = _run_root(adapter)
         raw: dict[str, Any] = {}
@@ -166,7 +166,7 @@ class Run:
             adapter = AdapterConfig.model_validate({**cfg.adapter.model_dump(), **self.adapter_settings(),
                                                     "init_from": str(self.adapter_dir)})
         except Exception as exc:
-            raise UserError(f"--adapter {self.adapter_dir}: its settings are not valid ({exc})") from None
+            raise UserError(f"adapter {self.adapter_dir}: its settings are not valid ({exc})") from None
         update: dict[str, Any] = {"adapter": adapter}
         base, source = self.base_model()
         if cfg.model.path is None and base is not None and base.path is not None:
