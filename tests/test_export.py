@@ -9,6 +9,7 @@ PEFT, or the project's official-layout reader.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -64,8 +65,9 @@ def _batch(processor):
     return processor(text=[text + '{"accuracy": 5}<|end|>'], audio=[audio], return_tensors="pt")
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(run: Path):
-    """The run as score/evaluate load it, and its logits on one audio batch."""
+    """The run as score/evaluate load it, and its logits on one audio batch (once per run)."""
     cfg = Run.open(run).configure(load_config(None, ["precision=fp32", "model.device=cpu"]))
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
     batch = _batch(loaded.processor)
