@@ -65,7 +65,7 @@ def _batch(processor):
     return processor(text=[text + '{"accuracy": 5}<|end|>'], audio=[audio], return_tensors="pt")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(run: Path):
     """The run as score/evaluate load it, and its logits on one audio batch (once per run)."""
     cfg = Run.open(run).configure(load_config(None, ["precision=fp32", "model.device=cpu"]))
@@ -153,6 +153,7 @@ def test_model_card_holds_the_runs_numbers(unfreeze_run: Path, tmp_path, tiny_na
     assert str(tiny_native) in card and "<|APA|>" in card and "<|MDD|>" in card
     assert "Listen to the recording" in card  # the instruction text itself
     assert "PeftModel.from_pretrained" in card and "mode: pretrained" in card
+    assert "lr: 0.01" in card and "at most 2 utterances" in card  # the run's own config and data, not defaults
     assert "More Information Needed" not in card
 
 
