@@ -46,20 +46,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "score",
         help="score your recordings of a sentence: APA scores, transcripts, mispronounced phones",
         description="Runs the APA and the MDD prompt on each recording (any sample rate, mono or stereo, "
-        "WAV/FLAC) and aligns the heard phones with the sentence's CMUdict phones. "
-        "Example: phi4mm-lora score me.wav --text \"we call it bear\" --adapter runs/demo",
+        "WAV, FLAC, MP3, OGG/Opus, WebM/Opus, M4A) and aligns the heard phones with the sentence's CMUdict "
+        "phones. Example: phi4mm-lora score me.wav --text \"we call it bear\" --adapter runs/demo. "
+        "Many recordings: phi4mm-lora score --batch list.csv --adapter runs/demo --output scores.jsonl",
     )
     from phi4mm_lora.config import PRECISIONS
 
     s.add_argument("--config", metavar="YAML", help="run config (see configs/); flags below override it")
     s.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder or hub id (default: the tiny test model)")
     s.add_argument("--precision", choices=("auto", *PRECISIONS), help="precision plan (default: auto)")
-    s.add_argument("audio", nargs="+", metavar="AUDIO",
-                   help="recording(s) of the sentence, then optional key=value config overrides")
+    s.add_argument("audio", nargs="*", metavar="AUDIO",
+                   help="recording(s) of the sentence (WAV, FLAC, MP3, OGG/Opus, WebM/Opus, M4A), "
+                   "then optional key=value config overrides")
     s.add_argument("--text", help="the sentence that was read (required)")
     s.add_argument("--adapter", metavar="RUN_OR_DIR", help="training run folder (scores with the run's base model "
                    "unless --model is given), RUN/checkpoints/step-N, or an adapter folder")
     s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from phi4mm_lora.cli.service_cmds import add_batch_args
+
+    add_batch_args(s)
     s.set_defaults(handler=cmd_score)
 
 
@@ -124,6 +129,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from phi4mm_lora.evaluate.score import check_inputs, render, score
 
     _positional_overrides(args)
+    if not args.batch and (args.sentences or args.output):
+        raise UserError("--sentences and --output go with --batch (score --batch LIST_OR_FOLDER ...)")
+    if args.batch:
+        from phi4mm_lora.cli.service_cmds import cmd_score_batch
+
+        return cmd_score_batch(args)
     cfg = run_config(args)
     check_inputs(args.audio, args.text)  # before the adapter and model are loaded
     if args.adapter:

@@ -14,11 +14,15 @@ and the parse error is reported next to the raw answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from phi4mm_lora.config import RunConfig
-from phi4mm_lora.data.audio import load_audio
+from phi4mm_lora.data.audio import TARGET_SR, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.errors import UserError
@@ -158,3 +162,50 @@ def render(result: dict[str, Any]) -> list[Any]:
     if result["oov"]:
         parts.append(f"[yellow]not in CMUdict (not checked):[/] {', '.join(result['oov'])}")
     return parts
+
+
+@dataclass
+class ScoreItem:
+    """One recording to score in a batch: a name for the output, its sentence, its audio.
+
+    ``samples`` are already decoded 16 kHz mono samples (an upload); when None, ``audio`` is a
+    file path read by the generator.
+    """
+
+    audio: str
+    text: str
+    samples: np.ndarray | None = None
+
+
+def score_batch(cfg: RunConfig, loaded: Any, items: Sequence[ScoreItem],
+                progress: bool = False) -> list[dict[str, Any]]:
+    """Score recordings that each read their own sentence, in one batched generation.
+
+    The entry point of the HTTP service and of batch scoring: the same prompts and
+    :func:`feedback` as :func:`score`, one dict per item in order. An item whose audio or
+    generation failed is not an exception: its dict names the failure in ``error``. Each row's
+    answer does not depend on what else is in the batch (see :mod:`~phi4mm_lora.evaluate.generate`).
+    """
+    examples: list[Example] = []
+    decoded: dict[str, np.ndarray] = {}
+    for n, it in enumerate(items):
+        for task in TASKS:
+            prompt = user_prompt(task, load_instruction(task, cfg.prompts), loaded.processor.audio_token, it.text)
+            ex_id = f"{n}:{task}"
+            duration = len(it.samples) / TARGET_SR if it.samples is not None else None
+            examples.append(Example(id=ex_id, utt_id=str(n), task=task, audio_path=it.audio, image_path=None,
+                                    prompt=prompt, answer="", split="score", speaker=None, duration=duration))
+            if it.samples is not None:
+                decoded[ex_id] = it.samples
+    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+                                          max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
+    out = []
+    for n, it in enumerate(items):
+        apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
+        res = feedback(it.audio, it.text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error})
+        res.update(error=apa.error or mdd.error, provenance=prov)
+        out.append(res)
+    return out
