@@ -44,6 +44,9 @@ def resolve_adapter(path: str | Path) -> tuple[Path, Path | None]:
         raise UserError(f"--adapter {p} is not an adapter: no adapter_config.json + adapter_model.safetensors "
                         f"in it or in {', '.join(c + '/' for c in RUN_ADAPTER_CANDIDATES[:2])}")
     run_cfg = next((d / "config.yaml" for d in (adapter, *adapter.parents[:3]) if (d / "config.yaml").is_file()), None)
+    from phi4mm_lora.fileio import safetensors_header
+
+    safetensors_header(adapter / "adapter_model.safetensors", "adapter weights")  # before the model loads
     return adapter, run_cfg
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
 from phi4mm_lora.data.targets import canonical_phones
+from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
@@ -143,6 +144,10 @@ def evaluate(
     loaded = _load(cfg, loaded)
     examples, data_report = build_examples(cfg.data, cfg.prompts, split,
                                            audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    if not examples:  # an empty table with exit 0 would read as "evaluated, all fine"
+        first = f"; first: {data_report.problems[0]}" if data_report.problems else ""
+        raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
+                        f"({data_report.n_problems} skipped{first}); fix the data or pick another --split")
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
