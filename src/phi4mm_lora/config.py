@@ -323,6 +323,8 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; `phi4mm-lora validate --help` lists sections)"
         lines.append(f"  {loc}: {msg}")
+    if len(lines) == 1:  # one problem, one line
+        return f"run config: {lines[0].strip()}"
     return f"{len(lines)} problem(s) in the run config:\n" + "\n".join(lines)
 
 
