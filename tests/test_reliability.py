@@ -157,7 +157,7 @@ def _speechocean_copy(root: Path) -> Path:
 def _case_required(tmp_path, data):
     f = tmp_path / "asr.yaml"
     f.write_text("data:\n  source: manifest\n  path: null            # REQUIRED: the .jsonl manifest\n")
-    return f, [f"output_dir={tmp_path / 'run'}"], r"data\.path is marked REQUIRED in .*asr\.yaml but null"
+    return f, ["data.path=null"], r"data\.path is marked REQUIRED in .*asr\.yaml but null"
 
 
 def _case_output_file(tmp_path, data):
@@ -417,7 +417,7 @@ def test_live_lock_refuses_second_run(capsys, cfg_file, data, run):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from phi4mm_lora.train.runlock import RunLock
-        RunLock({str(run)!r}).acquire()
+        lock = RunLock({str(run)!r}).acquire()
         print("locked", flush=True)
         time.sleep(120)
     """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -425,7 +425,7 @@ def test_live_lock_refuses_second_run(capsys, cfg_file, data, run):
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(run)
         for command in ("train", "validate"):
-            code, _, err = cli(capsys, command, cfg_file, *ov(data, run), "--resume", "--no-progress")
+            code, _, err = cli(capsys, command, cfg_file, *ov(data, run), "--resume")
             assert code == 2
             one_line(err, rf"run folder .*run is in use by pid {holder.pid} on ")
         assert snapshot(run) == before
