@@ -116,7 +116,7 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return True
     text = str(exc).lower()
-    return "no space left" in text or "unexpected pos" in text or "disk quota" in text
+    return any(w in text for w in ("no space left", "unexpected pos", "disk quota", "iostream error"))
 
 
 def os_error_message(exc: OSError) -> str | None:

@@ -148,7 +148,9 @@ def disk_full_guard(final: Path, previous: Path | None, n_trainable: int):
     try:
         yield
     except Exception as exc:  # OSError 28, torch's 'unexpected pos', SafetensorError
-        if not is_disk_full(exc):
+        # torch.save reports ENOSPC in several words ("unexpected pos", "iostream error"): an
+        # error while the disk has less room than the checkpoint needs is taken for what it is
+        if not (is_disk_full(exc) or free_mb(final.parent) < estimate_mb(previous, n_trainable)):
             raise
         shutil.rmtree(temp_dir_for(final), ignore_errors=True)
         raise UserError(f"disk full while writing {final.parent.name}/{final.name} (needs about "
