@@ -114,7 +114,11 @@ def test_adapter_resolution(tmp_path: Path) -> None:
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16,
                                                                       "target_modules": ["qkv_proj", "o_proj"]}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    # a well-formed (if useless) weights file: resolving checks the safetensors header
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
     assert resolve_adapter(run) == (run / "adapter", None)
     cfg = with_adapter(load_config(), run)
     assert cfg.adapter.init_from == str(run / "adapter")
