@@ -11,6 +11,8 @@ seconds; loading the model costs seconds to minutes, so a mistake is found befor
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +211,11 @@ def preflight(cfg: RunConfig, *, config_file: str | Path | None = None, resume: 
         except UserError as exc:
             problems.append(str(exc))
         else:
+            world, tc = int(os.environ.get("WORLD_SIZE", "1")), cfg.train
+            n_batches = math.ceil(len(pf.examples) / tc.batch_size)
+            if pf.examples and world > 1 and n_batches // (world * tc.grad_accum) == 0:
+                problems.append(f"{len(pf.examples)} examples make {n_batches} batches, fewer than processes x "
+                                f"grad_accum ({world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum")
             if not pf.examples:
                 first = f"; first: {pf.report.problems[0]}" if pf.report.problems else ""
                 problems.append(f"no training examples in split {cfg.data.train_split!r} of {pf.report.source} "
