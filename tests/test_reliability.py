@@ -304,6 +304,7 @@ def test_truncated_wav_skipped_by_id_and_strict_refuses(capsys, cfg_file, data, 
     m.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, _ = cli(capsys, "validate", cfg_file, *small_overrides(m, tmp_path / "r"))
     assert code == 0 and "config OK: 3 training examples" in out
+    assert re.search(r"data: skipped .*clip0.*truncated", out)  # validate shows what training would skip
     code, _, err = cli(capsys, "validate", cfg_file, *small_overrides(m, tmp_path / "r"), "data.strict=true")
     assert code == 2 and "clip0" in err and "truncated" in err and "Traceback" not in err
 

@@ -91,6 +91,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pf = preflight(cfg, config_file=args.config, resume=args.resume, resume_with_changes=args.resume_with_changes)
     for note in pf.notes:
         print(f"note: {note}")
+    problems = pf.report.problems if pf.report is not None else []
+    for p in problems[:5]:
+        print(f"data: skipped {p}")
+    if len(problems) > 5:
+        print(f"data: ... and {len(problems) - 5} more skipped")
     print(f"config OK: {len(pf.examples or [])} training examples"
           + (f", resumes {pf.resume_from}" if pf.resume_from else ""))
     return 0
