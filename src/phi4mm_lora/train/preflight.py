@@ -114,12 +114,12 @@ def check_adapter_folder(path: str | Path, what: str = "adapter") -> None:
 def resume_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """Settings that differ between the checkpoint's config and ``cfg`` (free ones left out).
 
-    Keys the checkpoint's config does not have (added to the schema after it was saved) are
-    not compared: the version that wrote it had no such setting to change.
+    Only keys both configs have are compared: a key added to (or dropped from) the schema
+    since the checkpoint was saved is not a change the user made.
     """
     old, new = _flat(saved), _flat(cfg.model_dump(mode="json"))
-    return {k: (old[k], new.get(k)) for k in sorted(old)
-            if old[k] != new.get(k) and not k.startswith(FREE_ON_RESUME)}
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not k.startswith(FREE_ON_RESUME)}
 
 
 def _changes_text(changes: dict[str, tuple[Any, Any]]) -> str:
