@@ -640,3 +640,14 @@ def test_signal_exit_code_and_exact_resume_command(cfg_file, data, tmp_path, sig
     assert re.search(r"; continue with: phi4mm-lora train \S+run\.yaml .* --resume$", line), line
     assert f"output_dir={out}" in line
     assert (out / ".lock").read_text() == ""  # released on the way out
+
+
+def test_resume_ignores_keys_the_checkpoint_did_not_have():
+    """A checkpoint saved before a config key existed can still be resumed."""
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.train.preflight import resume_changes
+
+    cfg = load_config(None, ["train.batch_size=4"])
+    saved = load_config(None, []).model_dump(mode="json")
+    del saved["train"]["padding_side"]  # as if written by a version without that key
+    assert resume_changes(saved, cfg) == {"train.batch_size": (8, 4)}
