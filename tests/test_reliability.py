@@ -581,6 +581,7 @@ def test_model_config_shapes_do_not_match_weights(capsys, cfg_file, data, tmp_pa
     (m / "config.json").write_text(json.dumps(c))
     code, _, err = cli(capsys, "train", cfg_file, *small_overrides(data, tmp_path / "run"), f"model.path={m}")
     assert code == 2
+    assert not (tmp_path / "run").exists()  # failed before writing anything: no folder left behind
     one_line(err, r"cannot load the weights: model\.layers\.0\.mlp\.down_proj\.weight is \(\d+, \d+\) in "
                   r"model\.safetensors but config\.json makes it")
 

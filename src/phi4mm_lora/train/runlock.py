@@ -27,9 +27,11 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._fh = None
+        self._created = False
         self.took_over: str | None = None
 
     def acquire(self) -> RunLock:
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+", encoding="utf-8")
         try:
@@ -58,6 +60,11 @@ class RunLock:
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.flush()
+        if self._created and [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+            # a run that failed before writing anything leaves no folder behind (still locked
+            # while removing, so no other run can be inside it)
+            self.path.unlink()
+            self.path.parent.rmdir()
         fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
         self._fh.close()
         self._fh = None
