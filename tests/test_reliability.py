@@ -561,7 +561,10 @@ def test_score_truncated_adapter(capsys, finished, tmp_path):
     one_line(err, r"adapter_model\.safetensors is damaged")
 
 
-def test_evaluate_manifest_without_valid_line(capsys, finished, tmp_path):
+def test_evaluate_manifest_without_valid_line(capsys, finished, tmp_path, monkeypatch):
+    import phi4mm_lora.evaluate.run as run_mod
+
+    monkeypatch.setattr(run_mod, "_load", lambda *a: pytest.fail("the model loaded before the data was checked"))
     m = tmp_path / "bad.jsonl"
     m.write_text('{"audio": "gone.wav", "prompt": "x", "answer": "y", "split": "test"}\n')
     code, _, err = cli(capsys, "evaluate", "--adapter", finished, "--data", m, "data.source=manifest",

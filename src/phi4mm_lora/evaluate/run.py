@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
+from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples, bundled_corpus_path
 from phi4mm_lora.data.targets import canonical_phones
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
+from phi4mm_lora.fileio import check_writable_dir
 
 #: Keys of the flat dict the per-epoch evaluator returns (the trainer logs them as eval/<key>).
 EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "wer", "per", "f1", "precision", "recall")
@@ -141,13 +142,17 @@ def evaluate(
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
     out = Path(output_dir or cfg.output_dir).expanduser()
     baseline = compare if isinstance(compare, dict) or compare is None else load_results(Path(compare))
-    loaded = _load(cfg, loaded)
-    examples, data_report = build_examples(cfg.data, cfg.prompts, split,
-                                           audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    # cheap checks first: the data and the output folder, before the model loads
+    check_writable_dir(out, "output folder")
+    examples, data_report = build_examples(cfg.data, cfg.prompts, split, seed=cfg.seed)
     if not examples:  # an empty table with exit 0 would read as "evaluated, all fine"
         first = f"; first: {data_report.problems[0]}" if data_report.problems else ""
         raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
                         f"({data_report.n_problems} skipped{first}); fix the data or pick another --split")
+    loaded = _load(cfg, loaded)
+    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:
+        examples, data_report = build_examples(cfg.data, cfg.prompts, split,
+                                               audio_token=loaded.processor.audio_token, seed=cfg.seed)
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
