@@ -160,22 +160,13 @@ def check_resume(cfg: RunConfig, resume: str | Path | bool, run_dir: Path, with_
     pf.resume_from, pf.state, pf.changed = target, state, changes
 
 
-def preflight(cfg: RunConfig, *, config_file: str | Path | None = None, resume: str | Path | bool | None = None,
-              resume_with_changes: bool = False, main: bool = True, data: bool = True) -> Preflight:
-    """Run every check that needs no model; raise one :class:`UserError` listing the problems.
-
-    ``main``: this is the process that will own the run folder (checks that no live run does).
-    ``data``: also build the training examples (reads the data and probes every audio file).
-    """
-    run_dir = Path(cfg.output_dir).expanduser()
-    pf = Preflight(run_dir)
+def _paths(cfg: RunConfig, config_file: str | Path | None, run_dir: Path) -> list[str]:
+    """Required keys, data path, output folder, model folder, prompt files, init adapter."""
     problems: list[str] = []
 
     def check(fn, *args) -> None:
         try:
             fn(*args)
-        except NothingToDo:
-            raise
         except UserError as exc:
             problems.append(str(exc))
 
@@ -183,9 +174,7 @@ def preflight(cfg: RunConfig, *, config_file: str | Path | None = None, resume: 
     if missing:
         problems.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} marked REQUIRED in {config_file} "
                         f"but null; pass e.g. {missing[0]}=...")
-    if "data.path" in missing:
-        pass
-    elif cfg.data.source == "manifest" and not cfg.data.path:
+    if cfg.data.source == "manifest" and not cfg.data.path and "data.path" not in missing:
         problems.append("data.source=manifest needs data.path pointing at a .jsonl manifest")
     elif cfg.data.path and not Path(cfg.data.path).expanduser().exists():
         problems.append(f"data.path {cfg.data.path} does not exist")
@@ -197,33 +186,63 @@ def preflight(cfg: RunConfig, *, config_file: str | Path | None = None, resume: 
             problems.append(f"prompts.{key} file {f} not found")
     if cfg.adapter.init_from:
         check(check_adapter_folder, cfg.adapter.init_from, "adapter.init_from")
-    if not problems:
-        owner = owner_of(run_dir) if main else None  # other processes: the main one holds it by now
-        if owner:
-            problems.append(f"run folder {run_dir} is in use by {owner}; wait for it to finish, stop it, "
-                            "or choose another output_dir")
-        elif resume in (None, False) and ckpt.list_checkpoints(run_dir):
-            problems.append(f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
-                            "or choose another output_dir")
-        elif resume not in (None, False):
-            check(check_resume, cfg, resume, run_dir, resume_with_changes, pf)
-    if not problems and data:
-        from phi4mm_lora.data.examples import build_examples
+    return problems
 
-        try:
-            pf.examples, pf.report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split, seed=cfg.seed)
-        except UserError as exc:
-            problems.append(str(exc))
-        else:
-            world, tc = int(os.environ.get("WORLD_SIZE", "1")), cfg.train
-            n_batches = math.ceil(len(pf.examples) / tc.batch_size)
-            if pf.examples and world > 1 and n_batches // (world * tc.grad_accum) == 0:
-                problems.append(f"{len(pf.examples)} examples make {n_batches} batches, fewer than processes x "
-                                f"grad_accum ({world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum")
-            if not pf.examples:
-                first = f"; first: {pf.report.problems[0]}" if pf.report.problems else ""
-                problems.append(f"no training examples in split {cfg.data.train_split!r} of {pf.report.source} "
-                                f"({pf.report.n_problems} skipped{first}); fix the data or set data.train_split")
+
+def _run_folder(cfg: RunConfig, resume, run_dir: Path, with_changes: bool, main: bool, pf: Preflight) -> list[str]:
+    """Nobody else is training in it; checkpoints are resumed or refused; the resume target fits."""
+    owner = owner_of(run_dir) if main else None  # other processes: the main one holds it by now
+    if owner:
+        return [f"run folder {run_dir} is in use by {owner}; wait for it to finish, stop it, or choose another output_dir"]
+    if resume in (None, False):
+        if ckpt.list_checkpoints(run_dir):
+            return [f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
+                    "or choose another output_dir"]
+        return []
+    try:
+        check_resume(cfg, resume, run_dir, with_changes, pf)
+    except NothingToDo:
+        raise
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
+def _data(cfg: RunConfig, pf: Preflight) -> list[str]:
+    """Build the training examples (reads the data, probes every audio file) and check they fill a step."""
+    from phi4mm_lora.data.examples import build_examples
+
+    try:
+        pf.examples, pf.report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split, seed=cfg.seed)
+    except UserError as exc:
+        return [str(exc)]
+    if not pf.examples:
+        first = f"; first: {pf.report.problems[0]}" if pf.report.problems else ""
+        return [f"no training examples in split {cfg.data.train_split!r} of {pf.report.source} "
+                f"({pf.report.n_problems} skipped{first}); fix the data or set data.train_split"]
+    world, tc = int(os.environ.get("WORLD_SIZE", "1")), cfg.train
+    n_batches = math.ceil(len(pf.examples) / tc.batch_size)
+    if world > 1 and n_batches // (world * tc.grad_accum) == 0:
+        return [f"{len(pf.examples)} examples make {n_batches} batches, fewer than processes x grad_accum "
+                f"({world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum"]
+    return []
+
+
+def preflight(cfg: RunConfig, *, config_file: str | Path | None = None, resume: str | Path | bool | None = None,
+              resume_with_changes: bool = False, main: bool = True, data: bool = True) -> Preflight:
+    """Run every check that needs no model; raise one :class:`UserError` listing the problems.
+
+    Cheapest first; a later group runs only when the earlier ones passed. ``main``: this is the
+    process that will own the run folder (checks that no live run does). ``data``: also build
+    the training examples (reads the data and probes every audio file).
+    """
+    run_dir = Path(cfg.output_dir).expanduser()
+    pf = Preflight(run_dir)
+    problems = _paths(cfg, config_file, run_dir)
+    if not problems:
+        problems = _run_folder(cfg, resume, run_dir, resume_with_changes, main, pf)
+    if not problems and data:
+        problems = _data(cfg, pf)
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
