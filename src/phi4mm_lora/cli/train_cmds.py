@@ -171,6 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  phi4mm-lora train configs/demo.yaml train.epochs=1\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=/data/speechocean762\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=... --resume\n"
+        "  phi4mm-lora train CONFIG --resume --resume-with-changes train.epochs=5   (train a finished run further)\n"
         "  accelerate launch --num_processes 4 -m phi4mm_lora train configs/pronunciation-paper.yaml ...\n"
         "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m phi4mm_lora train CONFIG ...\n"
         "  torchrun --nproc_per_node 2 -m phi4mm_lora train CONFIG model.device=cpu   (several CPU processes)\n"
