@@ -187,6 +187,13 @@ class TrainConfig(_Section):
     )
     log_every_steps: int = 1
     num_workers: int = 0
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                            "trackio"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (accelerate's): the config is logged as hyperparameters, train/* per "
+        "step, eval/* per epoch, the loss curve as a file. [] logs to metrics.jsonl only. MLflow reads "
+        "MLFLOW_TRACKING_URI, W&B its WANDB_* settings.",
+    )
     padding_side: Literal["left", "right"] = Field(
         "right",
         description="Where the collator pads. Both give the same loss (position ids follow the "

@@ -18,7 +18,15 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4mm_lora.cli import data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
+    from phi4mm_lora.cli import (
+        data_cmds,
+        eval_cmds,
+        export_cmd,
+        inspect_cmd,
+        model_cmds,
+        service_cmds,
+        train_cmds,
+    )
 
     parser = argparse.ArgumentParser(
         prog="phi4mm-lora",
@@ -33,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds):
+    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds, export_cmd, service_cmds):
         module.register(sub)
     return parser
 

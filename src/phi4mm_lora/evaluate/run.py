@@ -127,6 +127,7 @@ def evaluate(
     name: str = "this run",
     progress: bool = True,
     compare_name: str | None = None,
+    run: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate on ``split`` (default ``cfg.data.eval_split``); write the report; return results.
 
@@ -135,8 +136,16 @@ def evaluate(
     Output (``output_dir``, default ``cfg.output_dir``): predictions.jsonl, results.json
     (exactly ``compute_all(predictions)``), report.md, PNG plots, config.yaml and run.json
     (model, adapter, timing, failures). The returned dict is results.json plus ``meta``
-    (run.json's content).
+    (run.json's content), whose ``provenance`` says which model, adapter and precision ran.
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`) whose
+    adapter is evaluated on its own base model (see :meth:`Run.configure`).
     """
+    if run is not None:
+        from phi4mm_lora.model.run_folder import Run
+
+        run = Run.open(run)
+        cfg = run.configure(cfg)
+        name = run.name if name == "this run" else name
     split = split or cfg.data.eval_split
     if limit is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
@@ -157,7 +166,10 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
     results = compute_all(records)
+    from phi4mm_lora.model.provenance import provenance
+
     meta = {
+        "provenance": provenance(loaded, cfg),
         "model": str(getattr(loaded, "path", cfg.model.path)),
         "adapter": cfg.adapter.init_from,
         "adapter_mode": cfg.adapter.mode,
@@ -181,11 +193,14 @@ def evaluate(
 
 def _run_section(meta: dict[str, Any]) -> list[str]:
     """What ran, how fast, and what could not be evaluated (appended to report.md)."""
+    from phi4mm_lora.model.provenance import provenance_line
+
     budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
     lines = [
         "## Run",
         "",
         f"- model: `{meta['model']}`; adapter: `{meta['adapter'] or 'the checkpoint'}` ({meta['adapter_mode']} mode)",
+        *([f"- produced by: {provenance_line(meta['provenance'])}"] if meta.get("provenance") else []),
         f"- data: `{meta['data']}` split `{meta['split']}`: {meta['utterances']} utterances, "
         f"{meta['examples']} examples",
         f"- generation: {meta['generation_seconds']} s, {meta['examples_per_second']} examples/s, "

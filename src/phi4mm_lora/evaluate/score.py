@@ -14,11 +14,15 @@ and the parse error is reported next to the raw answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from phi4mm_lora.config import RunConfig
-from phi4mm_lora.data.audio import load_audio
+from phi4mm_lora.data.audio import TARGET_SR, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.errors import UserError
@@ -95,10 +99,18 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
 
 
 def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
-          progress: bool = False) -> list[dict[str, Any]]:
-    """Score each recording against ``text``; one :func:`feedback` dict per recording."""
+          progress: bool = False, run: Any | None = None) -> list[dict[str, Any]]:
+    """Score each recording against ``text``; one :func:`feedback` dict per recording.
+
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`): its adapter
+    on its own base model. Each dict carries ``provenance`` (model, adapter, precision, version).
+    """
     paths = check_inputs(audio_paths, text)
     assert text is not None
+    if run is not None:
+        from phi4mm_lora.model.run_folder import Run
+
+        cfg = Run.open(run).configure(cfg)
     if loaded is None:
         from phi4mm_lora.model.load import load_model
 
@@ -108,10 +120,14 @@ def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loade
         g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
                                       max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
     }
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
     out = []
     for n, p in enumerate(paths):
         apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
-        out.append(feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}))
+        out.append({**feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}),
+                    "provenance": prov})
     return out
 
 
@@ -148,3 +164,50 @@ def render(result: dict[str, Any]) -> list[Any]:
     if result["oov"]:
         parts.append(f"[yellow]not in CMUdict (not checked):[/] {', '.join(result['oov'])}")
     return parts
+
+
+@dataclass
+class ScoreItem:
+    """One recording to score in a batch: a name for the output, its sentence, its audio.
+
+    ``samples`` are already decoded 16 kHz mono samples (an upload); when None, ``audio`` is a
+    file path read by the generator.
+    """
+
+    audio: str
+    text: str
+    samples: np.ndarray | None = None
+
+
+def score_batch(cfg: RunConfig, loaded: Any, items: Sequence[ScoreItem],
+                progress: bool = False) -> list[dict[str, Any]]:
+    """Score recordings that each read their own sentence, in one batched generation.
+
+    The entry point of the HTTP service and of batch scoring: the same prompts and
+    :func:`feedback` as :func:`score`, one dict per item in order. An item whose audio or
+    generation failed is not an exception: its dict names the failure in ``error``. Each row's
+    answer does not depend on what else is in the batch (see :mod:`~phi4mm_lora.evaluate.generate`).
+    """
+    examples: list[Example] = []
+    decoded: dict[str, np.ndarray] = {}
+    for n, it in enumerate(items):
+        for task in TASKS:
+            prompt = user_prompt(task, load_instruction(task, cfg.prompts), loaded.processor.audio_token, it.text)
+            ex_id = f"{n}:{task}"
+            duration = len(it.samples) / TARGET_SR if it.samples is not None else None
+            examples.append(Example(id=ex_id, utt_id=str(n), task=task, audio_path=it.audio, image_path=None,
+                                    prompt=prompt, answer="", split="score", speaker=None, duration=duration))
+            if it.samples is not None:
+                decoded[ex_id] = it.samples
+    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+                                          max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
+    out = []
+    for n, it in enumerate(items):
+        apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
+        res = feedback(it.audio, it.text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error})
+        res.update(error=apa.error or mdd.error, provenance=prov)
+        out.append(res)
+    return out

@@ -20,7 +20,8 @@ What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
    multi-process training then give exactly the gradient of one big batch;
 3. loss is computed on answer positions only (:mod:`phi4mm_lora.train.loss`);
 4. a non-finite loss stops the run naming the step, the examples and the last checkpoint;
-5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and TensorBoard.
+5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and the trackers of
+   ``train.report_to`` (TensorBoard by default; :mod:`phi4mm_lora.train.trackers`).
 
 Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
 each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
@@ -49,7 +50,7 @@ from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.train import checkpoint as ckpt
-from phi4mm_lora.train import distributed
+from phi4mm_lora.train import distributed, trackers
 from phi4mm_lora.train import loss as loss_mod
 
 #: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
@@ -252,7 +253,6 @@ def _train(
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -271,7 +271,9 @@ def _train(
     # process (tests, a notebook, demo then eval) may use another precision, so start clean.
     # The distributed process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu")
+    trackers.check_available(tc.report_to)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu",
+                              log_with=trackers.log_with(tc.report_to, run_dir) or None)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 
     def say(msg: str) -> None:
@@ -374,7 +376,7 @@ def _train(
             kept, torn = read_metrics(metrics_file, global_step)
             pf.notes.extend(torn)
             _write_jsonl(metrics_file, [finite_row(r) for r in kept])
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    trackers.start(accelerator, cfg, run_dir)  # train.report_to; the config as hyperparameters
     say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
         f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
         f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
@@ -483,10 +485,8 @@ def _train(
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "label_tokens": n_total,
                    "examples_per_s": n_examples / elapsed, "tokens_per_s": n_tokens / elapsed}
             record(row)
-            if writer is not None:
-                for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s"):
-                    if row[k] is not None:
-                        writer.add_scalar(f"train/{k}", row[k], global_step)
+            accelerator.log({f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s")
+                             if row[k] is not None}, step=global_step)
             bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
             bar.update(1)
             if global_step % tc.log_every_steps == 0 or global_step == total_steps:
@@ -515,10 +515,8 @@ def _train(
                     erow = {"type": "eval", "step": global_step, "epoch": epoch + 1, **result}
                     eval_rows.append(erow)
                     record(erow)
-                    if writer is not None:
-                        for k, v in result.items():
-                            if isinstance(v, (int, float)):
-                                writer.add_scalar(f"eval/{k}", v, global_step)
+                    accelerator.log({f"eval/{k}": v for k, v in result.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=global_step)
                     say(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                               for k, v in result.items()))
                 accelerator.wait_for_everyone()
@@ -547,10 +545,9 @@ def _train(
         "last_checkpoint": str(last_ckpt) if last_ckpt else None, "eval": eval_rows[-1] if eval_rows else None,
     }
     if main:
-        if writer is not None:
-            writer.close()
         summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        trackers.log_files(accelerator, [run_dir / "loss_curve.png", run_dir / "summary.json", metrics_file])
         say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in summary.items() if k != "eval"))
     accelerator.end_training()
