@@ -392,6 +392,9 @@ def test_half_deleted_legacy_checkpoint_is_not_complete(run):
     assert not ckpt.is_complete(old)
     assert ckpt.latest_checkpoint(run).name == "step-00000002"
     assert "adapter/adapter_model.safetensors" in ckpt.incomplete_reason(old)
+    from phi4mm_lora.model.run_folder import Run
+
+    assert [p.name for p in Run.open(run).checkpoints] == ["step-00000002"]  # evaluate --checkpoint latest
 
 
 def test_resume_with_changes_applies_lr_and_drops_torn_line_and_stale_lock(capsys, cfg_file, data, run):

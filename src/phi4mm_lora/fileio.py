@@ -78,6 +78,33 @@ def check_weight_files(folder: str | Path) -> None:
         safetensors_header(f, "model weights")
 
 
+def marker_problem(folder: Path, marker: str, legacy_required: tuple[str, ...] = ()) -> str | None:
+    """Why ``folder`` is not complete by its ``marker`` file, or None when it is.
+
+    The marker is JSON ``{"files": {relative path: size}}``: complete means every listed file
+    is there with that size. A marker without a list (written by earlier versions) counts when
+    the ``legacy_required`` files are present and not empty.
+    """
+    m = folder / marker
+    if not m.is_file():
+        return f"no {marker} marker: it was cut off while being written"
+    try:
+        listed = json.loads(m.read_text(encoding="utf-8"))["files"]
+        listed = {str(k): int(v) for k, v in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        listed = None
+    if listed is None:  # an older marker ("ok")
+        gone = [f for f in legacy_required if not (folder / f).is_file() or (folder / f).stat().st_size == 0]
+        return f"{', '.join(gone)} missing (a delete or copy was cut off)" if gone else None
+    for name, size in listed.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} missing (a delete or copy was cut off)"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the marker says {size} (damaged or truncated)"
+    return None
+
+
 def nearest_existing(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -129,5 +156,5 @@ def os_error_message(exc: OSError) -> str | None:
     return None
 
 
-__all__ = ["check_weight_files", "check_writable_dir", "free_mb", "is_disk_full", "os_error_message", "read_text",
+__all__ = ["check_weight_files", "check_writable_dir", "free_mb", "is_disk_full", "marker_problem", "os_error_message", "read_text",
            "safetensors_header", "tree_mb"]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from phi4mm_lora.errors import UserError
-from phi4mm_lora.fileio import free_mb, is_disk_full, tree_mb
+from phi4mm_lora.fileio import free_mb, is_disk_full, marker_problem, tree_mb
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
@@ -198,26 +198,8 @@ def incomplete_reason(folder: Path) -> str | None:
     A marker without a list (written by earlier versions) is accepted for a ``step-N`` folder
     when :data:`LEGACY_REQUIRED` files are present and non-empty, for other folders as is.
     """
-    marker = Path(folder) / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} marker: it was cut off while being written"
-    try:
-        listed = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        listed = None
-    if listed is None:  # older marker ("ok")
-        if _STEP_DIR.match(Path(folder).name):
-            gone = [f for f in LEGACY_REQUIRED if not (folder / f).is_file() or (folder / f).stat().st_size == 0]
-            if gone:
-                return f"{', '.join(gone)} missing (a delete or copy was cut off)"
-        return None
-    for name, size in listed.items():
-        f = Path(folder) / name
-        if not f.is_file():
-            return f"{name} missing (a delete or copy was cut off)"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the marker says {size} (damaged or truncated)"
-    return None
+    legacy = LEGACY_REQUIRED if _STEP_DIR.match(Path(folder).name) else ()
+    return marker_problem(Path(folder), MARKER, legacy)
 
 
 def is_complete(folder: Path) -> bool:
