@@ -628,7 +628,8 @@ def _train_proc(cfg_file, data, out, **extra) -> subprocess.Popen:
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
 
 
-@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
 def test_signal_exit_code_and_exact_resume_command(cfg_file, data, tmp_path, sig, code, word):
     out = tmp_path / "run"
     proc = _train_proc(cfg_file, data, out, train__max_steps=200, train__epochs=100, train__save_every_steps=1,
