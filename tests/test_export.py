@@ -9,6 +9,7 @@ PEFT, or the project's official-layout reader.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -64,8 +65,9 @@ def _batch(processor):
     return processor(text=[text + '{"accuracy": 5}<|end|>'], audio=[audio], return_tensors="pt")
 
 
+@functools.cache
 def _reference(run: Path):
-    """The run as score/evaluate load it, and its logits on one audio batch."""
+    """The run as score/evaluate load it, and its logits on one audio batch (once per run)."""
     cfg = Run.open(run).configure(load_config(None, ["precision=fp32", "model.device=cpu"]))
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
     batch = _batch(loaded.processor)
@@ -151,4 +153,67 @@ def test_model_card_holds_the_runs_numbers(unfreeze_run: Path, tmp_path, tiny_na
     assert str(tiny_native) in card and "<|APA|>" in card and "<|MDD|>" in card
     assert "Listen to the recording" in card  # the instruction text itself
     assert "PeftModel.from_pretrained" in card and "mode: pretrained" in card
+    assert "lr: 0.01" in card and "at most 2 utterances" in card  # the run's own config and data, not defaults
     assert "More Information Needed" not in card
+
+
+@pytest.fixture(scope="module")
+def stacked_run(tmp_path_factory, tiny_native) -> Path:
+    """A stacked-mode run folder (a task adapter over the frozen speech adapter), written by the
+    project's savers without training: the task adapter's B made non-zero by hand."""
+    from phi4mm_lora.config import dump_config
+    from phi4mm_lora.model.adapters import save_trained
+
+    run = tmp_path_factory.mktemp("runs") / "stacked"
+    cfg = load_config(None, [f"output_dir={run}", "precision=fp32", "model.device=cpu", "adapter.mode=stacked",
+                             "adapter.r=4", "adapter.alpha=8", "adapter.target_modules=all-linear"])
+    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    with torch.no_grad():
+        for n, p in loaded.model.named_parameters():
+            if ".lora_B.task." in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    run.mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    save_trained(loaded.model, loaded.adapters, run / "adapter")
+    return run
+
+
+@pytest.mark.parametrize("fmt_name", ["merged", "official"])
+def test_stacked_run_exports_with_the_task_adapter_merged(fmt_name, stacked_run, tmp_path) -> None:
+    batch, want = _reference(stacked_run)
+    out = _export(stacked_run, tmp_path / fmt_name, fmt_name)
+    if fmt_name == "merged":
+        model = Phi4MultimodalForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    else:  # base weights hold the task adapter; the speech slot keeps the frozen speech adapter
+        model = load_model(ModelConfig(path=str(out), device="cpu"), "fp32", AdapterConfig(mode="pretrained")).model
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_adapter_export_rewrites_an_old_side_file_run(unfreeze_run: Path, tmp_path, tiny_native) -> None:
+    """Runs saved before modules_to_save kept unfrozen tensors in trainable_modules.safetensors; they still
+    load, and the adapter export turns them into a folder plain PEFT loads completely."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old-run"
+    shutil.copytree(unfreeze_run, old, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    ad = old / "adapter"
+    tensors = load_file(str(ad / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(ad / "adapter_model.safetensors"))
+    save_file({k.replace("base_model.model.", "", 1): v for k, v in tensors.items() if ".lora_" not in k},
+              str(ad / "trainable_modules.safetensors"))
+    pc = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**pc, "modules_to_save": None}))
+    batch, want = _reference(unfreeze_run)
+    _, old_logits = _reference(old)
+    assert float((old_logits - want).abs().max()) < 1e-6  # the old format still loads in this project
+    out = _export(old, tmp_path / "adapter", "adapter")
+    assert not (out / "trainable_modules.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    base = Phi4MultimodalForCausalLM.from_pretrained(tiny_native, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(out)).eval()(**batch).logits
+    assert float((got - want).abs().max()) < 1e-5

@@ -134,3 +134,14 @@ def test_evaluate_run_states_provenance_in_json_and_report(run_dir: Path, base_c
     assert json.loads((out / "run.json").read_text())["provenance"] == prov
     report = (out / "report.md").read_text()
     assert f"model {base_copy}" in report and "precision fp32" in report and "phi4mm-lora" in report
+
+
+def test_python_api_takes_a_run(run_dir: Path, base_copy: Path, flac: Path) -> None:
+    from phi4mm_lora.evaluate.score import score
+
+    cfg = load_config(None, ["eval.max_new_tokens=4"])
+    [by_path] = score(cfg, [flac], "we call it bear", run=run_dir)
+    [by_run] = score(cfg, [flac], "we call it bear", run=Run.open(run_dir, checkpoint="latest"))
+    assert by_path["provenance"]["model"].startswith(str(base_copy))
+    assert by_run["provenance"]["adapter"] == str(run_dir / "checkpoints" / "step-00000004" / "adapter")
+    assert by_run["apa_raw"] == by_path["apa_raw"]  # the checkpoint holds the same weights as the final adapter

@@ -136,8 +136,7 @@ def demo(args: argparse.Namespace) -> int:
     result = train(cfg, evaluate_fn=None, progress=not args.no_progress)
 
     # Step 4: the trained adapter on the same utterances, side by side with the untrained model.
-    trained = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(result.adapter_dir)})})
-    after = evaluate(trained, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
+    after = evaluate(cfg, run=result.run_dir, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
                      name="after training", compare_name="before training", progress=not args.no_progress)
     Console().print(render_table(after, compare=before, compare_name="before training"))
     print(f"evaluation report: {out / 'eval-after' / 'report.md'}")

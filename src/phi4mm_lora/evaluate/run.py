@@ -34,6 +34,8 @@ from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
 from phi4mm_lora.fileio import check_writable_dir
+from phi4mm_lora.model.provenance import provenance, provenance_line
+from phi4mm_lora.model.run_folder import Run
 
 #: Keys of the flat dict the per-epoch evaluator returns (the trainer logs them as eval/<key>).
 EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "wer", "per", "f1", "precision", "recall")
@@ -127,7 +129,7 @@ def evaluate(
     name: str = "this run",
     progress: bool = True,
     compare_name: str | None = None,
-    run: Any | None = None,
+    run: Run | str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate on ``split`` (default ``cfg.data.eval_split``); write the report; return results.
 
@@ -141,8 +143,6 @@ def evaluate(
     adapter is evaluated on its own base model (see :meth:`Run.configure`).
     """
     if run is not None:
-        from phi4mm_lora.model.run_folder import Run
-
         run = Run.open(run)
         cfg = run.configure(cfg)
         name = run.name if name == "this run" else name
@@ -166,8 +166,6 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
     results = compute_all(records)
-    from phi4mm_lora.model.provenance import provenance
-
     meta = {
         "provenance": provenance(loaded, cfg),
         "model": str(getattr(loaded, "path", cfg.model.path)),
@@ -193,8 +191,6 @@ def evaluate(
 
 def _run_section(meta: dict[str, Any]) -> list[str]:
     """What ran, how fast, and what could not be evaluated (appended to report.md)."""
-    from phi4mm_lora.model.provenance import provenance_line
-
     budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
     lines = [
         "## Run",

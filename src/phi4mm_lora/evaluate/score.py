@@ -29,6 +29,8 @@ from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import canonical_words, feedback_from_answer
 from phi4mm_lora.evaluate.generate import Generation, generate_all
 from phi4mm_lora.evaluate.parse import APA_KEYS, parse_apa
+from phi4mm_lora.model.provenance import provenance
+from phi4mm_lora.model.run_folder import Run
 
 TASKS = ("apa", "mdd")
 
@@ -99,7 +101,7 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
 
 
 def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
-          progress: bool = False, run: Any | None = None) -> list[dict[str, Any]]:
+          progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
     """Score each recording against ``text``; one :func:`feedback` dict per recording.
 
     ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`): its adapter
@@ -108,8 +110,6 @@ def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loade
     paths = check_inputs(audio_paths, text)
     assert text is not None
     if run is not None:
-        from phi4mm_lora.model.run_folder import Run
-
         cfg = Run.open(run).configure(cfg)
     if loaded is None:
         from phi4mm_lora.model.load import load_model
@@ -120,8 +120,6 @@ def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loade
         g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
                                       max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
     }
-    from phi4mm_lora.model.provenance import provenance
-
     prov = provenance(loaded, cfg)
     out = []
     for n, p in enumerate(paths):

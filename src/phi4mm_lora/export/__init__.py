@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from phi4mm_lora.config import RunConfig, dump_config, load_config
+from phi4mm_lora.config import RunConfig, load_config
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.model.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Run
 
@@ -131,7 +132,10 @@ def _adapter(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
     pc["base_model_name_or_path"] = cfg.model.path or str(resolve_path(cfg.model))
     pc["revision"] = cfg.model.revision
     (out / ADAPTER_CONFIG).write_text(json.dumps(pc, indent=2, sort_keys=True))
-    dump_config(cfg, out / "config.yaml")  # the exported folder is itself a run folder
+    # the exported folder is itself a run folder: the run's config, pointing at the base model used here
+    raw = dict(run.raw_config) or cfg.model_dump(mode="json")
+    raw["model"] = {**(raw.get("model") or {}), "path": cfg.model.path, "revision": cfg.model.revision}
+    (out / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     if EXTRA_FILE in {p.name for p in out.iterdir()}:
         raise UserError(f"{run.adapter_dir}: the unfrozen tensors are not whole modules, so a PEFT folder cannot "
                         "carry them; use --format merged")

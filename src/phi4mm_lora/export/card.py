@@ -117,15 +117,18 @@ def build_card(run: Run, cfg: RunConfig, fmt_name: str, details: dict[str, Any])
     base_name = cfg.model.path or str(resolve_path(cfg.model))
     base = f"`{base_name}`" + ("" if cfg.model.path else " (the tiny random test model of phi4mm-lora)")
     revision = cfg.model.revision
-    data_name = cfg.data.path or "the bundled generated corpus (Speechocean762 layout)"
+    trained = run.config or cfg  # what the run trained with (cfg: how it was loaded for export)
+    data_name = trained.data.path or "the bundled generated corpus (Speechocean762 layout)"
     meta = ModelCardData(
         base_model=cfg.model.path if cfg.model.path and "/" in cfg.model.path and not cfg.model.path.startswith("/")
         else None,
         library_name="peft" if fmt_name == "adapter" else "transformers",
         tags=["phi4mm-lora", "phi-4-multimodal", "lora", "pronunciation-assessment", "speech"],
-        pipeline_tag="automatic-speech-recognition" if cfg.data.task == "mdd" else None,
+        pipeline_tag="automatic-speech-recognition" if trained.data.task == "mdd" else None,
     )
     a = cfg.adapter
+    pc = run.peft_config  # the saved adapter's real shape (pretrained mode keeps the checkpoint's rank)
+    unfrozen = details.get("modules_to_save") or details.get("unfrozen") or []
     notes = []
     if a.mode == "stacked" and fmt_name == "adapter":
         notes.append(f"- This adapter (`{a.name}`) was trained *stacked on top of* the base model's `{a.base}` "
@@ -141,19 +144,20 @@ def build_card(run: Run, cfg: RunConfig, fmt_name: str, details: dict[str, Any])
         f"Exported by phi4mm-lora {project_version()} as **{fmt_name}**: {_FORMAT_TEXT[fmt_name]}.", "",
         "## Base model", "",
         f"- model: {base}" + (f" (revision `{revision}`)" if revision else ""),
-        f"- adapter: mode `{a.mode}` on the `{a.base}` adapter, r={a.r}, alpha={a.alpha}, "
-        f"targets `{a.target_modules}`; trainable set `{a.trainable}`"
-        + (f"; unfrozen: {', '.join(f'`{m}`' for m in details['modules_to_save'])}" if details.get("modules_to_save") else ""),
+        f"- adapter: mode `{a.mode}` on the `{a.base}` adapter, r={pc.get('r', a.r)}, "
+        f"alpha={pc.get('lora_alpha', a.alpha)}, targets `{pc.get('target_modules', a.target_modules)}`; "
+        f"trainable set `{a.trainable}`" + (f"; unfrozen: {', '.join(f'`{m}`' for m in unfrozen)}" if unfrozen else ""),
         *notes, "",
         "## Data", "",
-        f"- source: {cfg.data.source}, `{data_name}`; task(s): {cfg.data.task}; "
-        f"train split `{cfg.data.train_split}`, eval split `{cfg.data.eval_split}`"
-        + (f"; at most {cfg.data.limit} utterances per split" if cfg.data.limit else ""),
+        f"- source: {trained.data.source}, `{data_name}`; task(s): {trained.data.task}; "
+        f"train split `{trained.data.train_split}`, eval split `{trained.data.eval_split}`"
+        + (f"; at most {trained.data.limit} utterances per split" if trained.data.limit else ""),
         "",
         "## Task prompts and markers", "",
-        "Each user turn is `<|user|>` + marker + `<|audio_1|>` + instruction + `<|end|><|assistant|>`; "
-        "`{text}` is the sentence that was read. Answers are one JSON object.", "",
-        *_prompts(cfg),
+        "Each user turn is `<|user|>` + marker + the audio token + instruction + `<|end|><|assistant|>`; the "
+        "audio token is the native processor's `<|endoftext11|>` (id 200011; the official remote-code processor "
+        "writes `<|audio_1|>`), and `{text}` is the sentence that was read. Answers are one JSON object.", "",
+        *_prompts(trained),
         "## Training figures", "",
         *_training(run.summary),
         "## Evaluation", "",
@@ -161,7 +165,7 @@ def build_card(run: Run, cfg: RunConfig, fmt_name: str, details: dict[str, Any])
         "## How to load", "",
         *_how_to_load(fmt_name, base_name, revision, details),
         "## Training config", "",
-        "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "",
+        "```yaml", yaml.safe_dump(run.raw_config or trained.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "",
     ]
     content = f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body)
     return ModelCard(content)

@@ -25,7 +25,7 @@ def project_version() -> str:
 
 
 def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
-    """``{"model", "model_revision", "layout", "adapter", "adapter_mode", "precision", "device",
+    """``{"model", "model_id", "model_revision", "layout", "adapter", "adapter_mode", "precision", "device",
     "phi4mm_lora_version"}`` for a :class:`~phi4mm_lora.model.load.Loaded` model.
 
     ``cfg`` (the :class:`~phi4mm_lora.config.RunConfig` it was loaded with) adds the hub
@@ -38,6 +38,7 @@ def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
     plan = getattr(loaded, "plan", None)
     return {
         "model": path + (" (tiny random test model)" if tiny else ""),
+        "model_id": getattr(getattr(cfg, "model", None), "path", None),  # as given: a hub id, a folder, None = tiny
         "model_revision": getattr(getattr(cfg, "model", None), "revision", None),
         "layout": getattr(loaded, "layout", None),
         "adapter": getattr(getattr(cfg, "adapter", None), "init_from", None),
