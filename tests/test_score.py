@@ -115,7 +115,11 @@ def test_adapter_resolution(tmp_path: Path) -> None:
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16,
                                                                       "target_modules": ["qkv_proj", "o_proj"]}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    # a well-formed (if useless) weights file: opening an adapter checks the safetensors header
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
     opened = Run.open(run)
     assert (opened.adapter_dir, opened.root) == (run / "adapter", None)
     cfg = opened.configure(load_config())

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import read_text
 
 #: The decoder linears the official speech/vision adapters target.
 DECODER_LORA_REGEX = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
@@ -26,8 +27,16 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32", "int8", "nf4", "selective
 
 class _Section(BaseModel):
     # use_attribute_docstrings: the docstring under a field is its description, shown by
-    # ``phi4mm-lora config show`` and written into the JSON Schema
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # ``phi4mm-lora config show`` and written into the JSON Schema.
+    # allow_inf_nan=False: `.nan`/`.inf` in YAML are refused for every float ("finite number")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+
+def _at_least(low: int, v: int | None, what: str = "") -> int | None:
+    if v is not None and v < low:
+        raise ValueError(f"must be >= {low}{what}")
+    return v
 
 
 class ModelConfig(_Section):
@@ -157,6 +166,11 @@ class DataConfig(_Section):
             raise ValueError("max_audio_seconds must be > 0")
         return v
 
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        return _at_least(1, v, " (or null for all utterances)")
+
 
 class PromptConfig(_Section):
     """Prompt texts: empty uses the project's files in phi4mm_lora/data/prompts/."""
@@ -236,6 +250,49 @@ class TrainConfig(_Section):
             raise ValueError("must be >= 1 (or null to keep all): resume needs the newest checkpoint")
         return v
 
+    @field_validator("max_steps", "save_every_steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        return _at_least(1, v, " (or null)")
+
+    @field_validator("log_every_steps")
+    @classmethod
+    def _log_every(cls, v: int) -> int:
+        return _at_least(1, v)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        return _at_least(0, v, " (0 loads batches in the training process)")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_at_most_one(cls, v: float) -> float:
+        if v > 1:
+            raise ValueError("must be <= 1 (LoRA learning rates are about 1e-5 to 1e-3)")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1] (a share of the training steps)")
+        return v
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0 (or null for no clipping)")
+        return v
+
 
 class EvalConfig(_Section):
     """Generation and evaluation settings."""
@@ -259,6 +316,11 @@ class EvalConfig(_Section):
             raise ValueError("must be >= 1 (or null: evaluate after each epoch only)")
         return v
 
+    @field_validator("batch_size", "max_new_tokens", "subset")
+    @classmethod
+    def _eval_at_least_one(cls, v: int) -> int:
+        return _at_least(1, v)
+
 
 class RunConfig(_Section):
     """Everything one run needs; see configs/*.yaml for commented examples."""
@@ -275,6 +337,13 @@ class RunConfig(_Section):
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**32:
+            raise ValueError("must be in [0, 2**32) (numpy's seed range)")
+        return v
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -331,6 +400,8 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = _unknown_key_message(tuple(err["loc"]))
         lines.append(f"  {loc}: {msg}")
+    if len(lines) == 1:  # one problem, one line
+        return f"run config: {lines[0].strip()}"
     return f"{len(lines)} problem(s) in the run config:\n" + "\n".join(lines)
 
 
@@ -342,7 +413,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {p} not found; pass an existing YAML (see configs/)")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text(p, "config file")) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

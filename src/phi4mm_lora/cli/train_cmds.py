@@ -74,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from phi4mm_lora.evaluate.run import make_epoch_evaluator
 
         evaluate_fn = make_epoch_evaluator(cfg)
-    result = train(cfg, evaluate_fn=evaluate_fn, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, evaluate_fn=evaluate_fn, resume=args.resume, resume_with_changes=args.resume_with_changes,
+                   config_file=args.config, progress=not args.no_progress)
     if "loss_curve" in result.summary:  # only the main process writes (and reports) the run files
         print(f"adapter: {result.adapter_dir}")
         print(f"loss curve: {result.summary['loss_curve']}")
@@ -82,14 +83,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Print the resolved config (a UserError with all problems becomes exit 2 in main)."""
+    """Print the resolved config after the checks ``train`` runs before loading a model (a
+    UserError with all problems becomes exit 2 in main), so "config OK" means training starts."""
     import yaml
 
     from phi4mm_lora.config import load_config
+    from phi4mm_lora.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print("config OK")
+    pf = preflight(cfg, config_file=args.config, resume=args.resume, resume_with_changes=args.resume_with_changes)
+    for note in pf.notes:
+        print(f"note: {note}")
+    problems = pf.report.problems if pf.report is not None else []
+    for p in problems[:5]:
+        print(f"data: skipped {p}")
+    if len(problems) > 5:
+        print(f"data: ... and {len(problems) - 5} more skipped")
+    print(f"config OK: {len(pf.examples or [])} training examples"
+          + (f", resumes {pf.resume_from}" if pf.resume_from else ""))
     return 0
 
 
@@ -141,6 +153,15 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_flags(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    if resume:
+        p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                       help="continue the latest complete checkpoint of output_dir, or the checkpoint/run DIR")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although settings changed that alter the data order or the schedule (batch size, "
+                   "data, seed, lr, ...); they apply from the checkpoint on. Adapter shape changes stay refused")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``validate``, ``bench train`` and ``demo``."""
     t = subparsers.add_parser(
@@ -153,6 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  phi4mm-lora train configs/demo.yaml train.epochs=1\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=/data/speechocean762\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=... --resume\n"
+        "  phi4mm-lora train CONFIG --resume --resume-with-changes train.epochs=5   (train a finished run further)\n"
         "  accelerate launch --num_processes 4 -m phi4mm_lora train configs/pronunciation-paper.yaml ...\n"
         "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m phi4mm_lora train CONFIG ...\n"
         "  torchrun --nproc_per_node 2 -m phi4mm_lora train CONFIG model.device=cpu   (several CPU processes)\n"
@@ -160,15 +182,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("config", help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=1e-4 train.max_steps=10")
-    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                   help="continue the latest complete checkpoint of output_dir, or the checkpoint/run DIR")
+    _resume_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(handler=cmd_train)
 
-    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)",
-                              epilog="Every key, with type, default and meaning: phi4mm-lora config show [SECTION]")
+    v = subparsers.add_parser(
+        "validate", help="check a run config as train would before loading the model; every problem at once (exit 2)",
+        description="Show the resolved run config and run every check train runs before it loads the model: "
+        "config values, REQUIRED keys, output folder, model folder, data (layout and every audio file) and, "
+        "with --resume, the checkpoint. 'config OK' means training will start.",
+        epilog="Every key, with type, default and meaning: phi4mm-lora config show [SECTION]")
     v.add_argument("config", help="run config YAML")
     v.add_argument("overrides", nargs="*", metavar="key=value")
+    v.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="check the checkpoint train --resume would continue")
+    _resume_flags(v, resume=False)
     v.set_defaults(handler=cmd_validate, light=True)
 
     b = subparsers.add_parser("bench", help="benchmarks")

@@ -172,11 +172,45 @@ def container_format(data: bytes, name: str = "<bytes>") -> str:
     return ACCEPTED_FORMATS[fmt]
 
 
+def riff_declared_frames(path: Path) -> int | None:
+    """Frames a WAV's ``data`` chunk header declares (None: not RIFF/WAVE, or a streaming size).
+
+    libsndfile quietly shortens a WAV whose data chunk claims more bytes than the file holds,
+    so its frame count cannot reveal a cut-off copy; the RIFF header (``fmt `` block align,
+    ``data`` size, per the RIFF/WAVE format) can.
+    """
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while chunk := fh.read(8):
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = fh.read(size + (size & 1))
+                    block_align = struct.unpack("<H", fmt[12:14])[0] if len(fmt) >= 14 else None
+                elif cid == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                else:
+                    fh.seek(size + (size & 1), 1)
+    except OSError:
+        return None
+    return None
+
+
 def probe_audio(path: str | Path, full: bool = True) -> AudioInfo:
     """Check a file is usable and return its duration.
 
     ``full=False`` reads only the header (fast, catches missing/garbage files and zero length);
-    ``full=True`` also decodes the samples to catch NaN and truncated data. Decoding a few
+    ``full=True`` also decodes the samples to catch NaN and truncated data (fewer samples
+    than the header declares: :func:`riff_declared_frames` for WAV). Decoding a few
     seconds of FLAC costs about a millisecond, so examples are built with ``full=True``.
     """
     p = Path(path)
@@ -194,6 +228,10 @@ def probe_audio(path: str | Path, full: bool = True) -> AudioInfo:
         except (sf.LibsndfileError, RuntimeError, OSError) as exc:
             raise AudioError(f"audio file {p} is unreadable ({exc})") from None
         _check_samples(data, str(p))
+        declared = max(info.frames, riff_declared_frames(p) or 0)
+        if data.shape[0] < declared - 1:
+            raise AudioError(f"audio {p} is truncated: its header says {declared / info.samplerate:.2f} s, the file "
+                             f"holds {data.shape[0] / info.samplerate:.2f} s; copy or export it again")
         duration = data.shape[0] / info.samplerate
     else:
         duration = info.frames / info.samplerate

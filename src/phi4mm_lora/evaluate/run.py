@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
+from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples, bundled_corpus_path
 from phi4mm_lora.data.targets import canonical_phones
+from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
+from phi4mm_lora.fileio import check_writable_dir
 from phi4mm_lora.model.provenance import provenance, provenance_line
 from phi4mm_lora.model.run_folder import Run
 
@@ -149,9 +151,17 @@ def evaluate(
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
     out = Path(output_dir).expanduser() if output_dir else fresh_eval_dir(cfg.output_dir, split)
     baseline = compare if isinstance(compare, dict) or compare is None else load_results(Path(compare))
+    # cheap checks first: the data and the output folder, before the model loads
+    check_writable_dir(out, "output folder")
+    examples, data_report = build_examples(cfg.data, cfg.prompts, split, seed=cfg.seed)
+    if not examples:  # an empty table with exit 0 would read as "evaluated, all fine"
+        first = f"; first: {data_report.problems[0]}" if data_report.problems else ""
+        raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
+                        f"({data_report.n_problems} skipped{first}); fix the data or pick another --split")
     loaded = _load(cfg, loaded)
-    examples, data_report = build_examples(cfg.data, cfg.prompts, split,
-                                           audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:
+        examples, data_report = build_examples(cfg.data, cfg.prompts, split,
+                                               audio_token=loaded.processor.audio_token, seed=cfg.seed)
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")

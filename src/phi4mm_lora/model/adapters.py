@@ -89,7 +89,13 @@ def read_peft_folder(folder: Path) -> Pretrained:
     cfg_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights_file.is_file():
         raise UserError(f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    cfg = LoraConfig.from_pretrained(str(folder))
+    from phi4mm_lora.fileio import safetensors_header
+
+    safetensors_header(weights_file, "adapter weights")
+    try:
+        cfg = LoraConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{cfg_file} is not a valid adapter config ({str(exc)[:160]}); the adapter is damaged") from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(weights_file)).items():
         m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$", key)
@@ -99,7 +105,12 @@ def read_peft_folder(folder: Path) -> Pretrained:
 
 
 def _load_weights(peft: PeftModel, name: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-    result = set_peft_model_state_dict(peft, _state_for_peft(weights), adapter_name=name)
+    try:
+        result = set_peft_model_state_dict(peft, _state_for_peft(weights), adapter_name=name)
+    except RuntimeError as exc:  # "size mismatch for ...": another base model or another rank
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise UserError(f"adapter {name!r} does not fit this model ({first[:200]}); it was trained on another base "
+                        "model or with another adapter.r/target_modules") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise UserError(f"adapter {name!r}: {len(unexpected)} tensors fit no module (e.g. {unexpected[0]})")
@@ -303,6 +314,9 @@ def load_extra_modules(peft: PeftModel, folder: Path) -> int:
                         if ".lora_" not in k})
     f = folder / EXTRA_FILE
     if f.is_file():
+        from phi4mm_lora.fileio import safetensors_header
+
+        safetensors_header(f, "trained-module weights")
         tensors.update(load_file(str(f)))
     if not tensors:
         return 0
@@ -311,6 +325,10 @@ def load_extra_modules(peft: PeftModel, folder: Path) -> int:
     missing = [k for k in tensors if k not in params]
     if missing:
         raise UserError(f"{folder}: {len(missing)} unfrozen-module tensors fit no module (e.g. {missing[0]})")
+    wrong = [k for k, t in tensors.items() if tuple(t.shape) != tuple(params[k].shape)]
+    if wrong:
+        raise UserError(f"{folder}: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the model's is "
+                        f"{tuple(params[wrong[0]].shape)}; it was trained on another base model")
     with torch.no_grad():
         for k, t in tensors.items():
             params[k].copy_(t.to(params[k].dtype))

@@ -33,12 +33,15 @@ import yaml
 
 from phi4mm_lora.config import AdapterConfig, ModelConfig, PromptConfig, RunConfig, load_config
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import marker_problem
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Written by train/checkpoint.py: RUN/checkpoints/step-<N>/{adapter/, COMPLETE}.
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = "COMPLETE"
+#: What a checkpoint with an older marker (no file list) must hold to be evaluated.
+_LEGACY_ADAPTER = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 _STRUCTURE_KEYS = ("mode", "base", "name", "r", "alpha", "dropout", "target_modules", "include_towers", "trainable")
 
 
@@ -82,6 +85,9 @@ class Run:
                     if cks else "")
             raise UserError(f"{p} is not an adapter: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} in it "
                             f"or in {p / 'adapter'}{hint}")
+        from phi4mm_lora.fileio import safetensors_header
+
+        safetensors_header(adapter / ADAPTER_WEIGHTS, "adapter weights")  # a cut-off copy, before any model loads
         root = _run_root(adapter)
         raw: dict[str, Any] = {}
         if root is not None:
@@ -212,7 +218,10 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / _COMPLETE).is_file()]
+    # complete = the marker's list of files and sizes matches (fileio.marker_problem), so a
+    # half-deleted or damaged checkpoint is never offered for evaluation
+    found = [(int(m[1]), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and marker_problem(p, _COMPLETE, _LEGACY_ADAPTER) is None]
     return [p for _, p in sorted(found)]
 
 

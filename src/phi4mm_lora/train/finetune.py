@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -171,17 +172,93 @@ def train(
     evaluate_fn: EvaluateFn | None = None,
     *,
     resume: str | Path | bool | None = None,
+    resume_with_changes: bool = False,
+    config_file: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary."""
+    """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary.
+
+    First every check that needs no model (:func:`~phi4mm_lora.train.preflight.preflight`, the
+    same that ``validate`` runs), then the run folder is locked for this process (one owner per
+    run folder), then :func:`_train` does the work.
+    """
+    from phi4mm_lora.train.preflight import preflight
+    from phi4mm_lora.train.runlock import RunLock
+
+    main = int(os.environ.get("RANK", "0")) == 0  # the Accelerator does not exist yet
+    pf = preflight(cfg, config_file=config_file, resume=resume, resume_with_changes=resume_with_changes, main=main)
+    lock = RunLock(pf.run_dir).acquire() if main else None
+    try:
+        if lock is not None and lock.took_over:
+            pf.notes.append(f"took over the run folder from {lock.took_over} (no longer running)")
+        return _train(cfg, pf, evaluate_fn, progress=progress, log=log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+
+
+def finite_row(row: dict) -> dict:
+    """Non-finite numbers become null: ``Infinity``/``NaN`` are not JSON (RFC 8259)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def read_metrics(path: Path, upto_step: int) -> tuple[list[dict], list[str]]:
+    """Rows of ``metrics.jsonl`` up to ``upto_step``; lines that are not JSON (a torn last line
+    after a crash) are dropped and named in the notes."""
+    rows, notes = [], []
+    if not path.is_file():
+        return rows, notes
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):
+            notes.append(f"dropped line {n} of {path} (not a complete JSON record: {line[:40]!r})")
+            continue
+        if step <= upto_step:
+            rows.append(row)
+    return rows, notes
+
+
+def _apply_changed_schedule(optimizer, scheduler, tc, changed: dict) -> list[str]:
+    """After ``--resume-with-changes``: the new lr/weight decay/schedule take effect for real
+    (loading the optimizer and scheduler state restored the old ones)."""
+    keys = [k for k in changed if k in ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio",
+                                        "train.epochs", "train.max_steps")]
+    if not keys:
+        return []
+    scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = tc.lr
+        group["weight_decay"] = tc.weight_decay
+        group["lr"] = tc.lr * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return [f"applied from step {scheduler.last_epoch}: " + ", ".join(f"{k}={changed[k][1]}" for k in keys)]
+
+
+def _train(
+    cfg: RunConfig,
+    pf,
+    evaluate_fn: EvaluateFn | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """The run itself, after :func:`train`'s checks and lock."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from phi4mm_lora.data.examples import build_examples
+    from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, build_examples
     from phi4mm_lora.model.adapters import load_extra_modules, save_trained
     from phi4mm_lora.model.load import load_model, resolve_path
     from phi4mm_lora.model.precision import check_plan, pick_device, resolve_plan
@@ -205,10 +282,7 @@ def train(
         if main:
             (log or tqdm.write)(msg)
 
-    resume_from = ckpt.resolve_resume(resume, run_dir) if resume not in (None, False) else None
-    if resume_from is None and main and ckpt.list_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
-                        "or choose another output_dir")
+    resume_from = pf.resume_from
     resolve_path(cfg.model)  # builds the tiny model on first use; that draws random numbers, so before seeding
     set_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
@@ -231,8 +305,11 @@ def train(
         enable_activation_checkpointing(model)
     model.config.use_cache = False
 
-    examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
-                                      audio_token=processor.audio_token, seed=cfg.seed)
+    if pf.examples is not None and processor.audio_token == DEFAULT_AUDIO_TOKEN:
+        examples, report = pf.examples, pf.report  # built by the pre-flight checks
+    else:
+        examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
+                                          audio_token=processor.audio_token, seed=cfg.seed)
     if not examples:
         raise UserError(f"no training examples in split {cfg.data.train_split!r}: {report}")
     cache = None
@@ -251,6 +328,12 @@ def train(
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
     n_epochs = math.ceil(total_steps / spe)
+    if pf.state is not None and pf.state["global_step"] >= total_steps:
+        from phi4mm_lora.train.preflight import NothingToDo
+
+        raise NothingToDo(f"run {run_dir} already finished: {resume_from.name} is step {pf.state['global_step']} "
+                          f"of {total_steps}; nothing changed. To train further, raise train.epochs or "
+                          "train.max_steps (with --resume-with-changes)")
 
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps),
@@ -265,14 +348,20 @@ def train(
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        st = ckpt.load_training_state(resume_from)
+        st = pf.state if pf.state is not None else ckpt.load_training_state(resume_from)
         adapter = resume_from / ckpt.ADAPTER_DIR
-        if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
-            set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
-                                      adapter_name=state.trainable_adapter)
-            load_extra_modules(peft, adapter)
-        distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
+        try:
+            if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
+                set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
+                                          adapter_name=state.trainable_adapter)
+                load_extra_modules(peft, adapter)
+            distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups differ
+            raise UserError(f"checkpoint {resume_from} does not fit this model/adapter ({str(exc).splitlines()[0][:160]}); "
+                            "resume with the settings it was saved with") from None
         scheduler.load_state_dict(st["scheduler"])
+        for note in _apply_changed_schedule(optimizer, scheduler, tc, pf.changed):
+            pf.notes.append(note)
         if st.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(st["scaler"])
         epoch0, step0, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
@@ -285,9 +374,10 @@ def train(
         dump_config(cfg, run_dir / "config.yaml")
         if resume_from is None:
             metrics_file.write_text("")
-        else:  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= global_step]
-            metrics_file.write_text("".join(k + "\n" for k in kept))
+        else:  # drop lines logged after the checkpoint we resume from (and a torn last line)
+            kept, torn = read_metrics(metrics_file, global_step)
+            pf.notes.extend(torn)
+            _write_jsonl(metrics_file, [finite_row(r) for r in kept])
     trackers.start(accelerator, cfg, run_dir)  # train.report_to; the config as hyperparameters
     say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
         f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
@@ -296,11 +386,13 @@ def train(
         say(f"data: skipped {note}")
     for note in setup_notes:
         say(f"warning: {note}")
+    for note in pf.notes:
+        say(f"note: {note}")
 
     def record(row: dict) -> None:
         if main:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(finite_row(row), allow_nan=False) + "\n")
 
     last_ckpt: Path | None = resume_from
 
@@ -308,8 +400,17 @@ def train(
         final = run_dir / "checkpoints" / ckpt.checkpoint_name(global_step)
         tmp = ckpt.temp_dir_for(final)
         if main:
+            ckpt.ensure_space(final, last_ckpt, n_trainable)
             ckpt.begin_atomic_dir(final)
         accelerator.wait_for_everyone()
+        with ckpt.disk_full_guard(final, last_ckpt, n_trainable):
+            _write_checkpoint(final, tmp, epoch, step_in_epoch)
+        if main:
+            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(final: Path, tmp: Path, epoch: int, step_in_epoch: int) -> None:
         ckpt.save_rng(tmp, rank)
         # collectives: under FSDP/DeepSpeed every process helps gather the full tensors
         trained = distributed.gather_trained(accelerator, model, peft)
@@ -321,12 +422,9 @@ def train(
                 "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "world_size": world, "config": cfg.model_dump(mode="json"),
+                "world_size": world, "config": cfg.model_dump(mode="json"), "total_steps": total_steps,
             }, tmp / ckpt.STATE_FILE)
             ckpt.finish_atomic_dir(tmp, final)
-            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return final
 
     last_eval_step: int | None = None
 
@@ -445,7 +543,8 @@ def train(
     adapter_dir = run_dir / "adapter"
     trained = distributed.gather_trained(accelerator, model, peft)  # collective
     if main:
-        ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
+        with ckpt.disk_full_guard(adapter_dir, last_ckpt, n_trainable):
+            ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop
