@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from phi4mm_lora.versions import untested_warning
+
+    if (line := untested_warning()) is not None:
+        print(f"warning: {line}", file=sys.stderr)
     try:
         code = args.handler(args)
     except (UserError, CheckFailed) as exc:

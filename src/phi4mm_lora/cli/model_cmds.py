@@ -109,7 +109,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     d = diagnose()
     t = Table(title="phi4mm-lora doctor", show_header=False)
     for k, v in d.versions.items():
-        t.add_row(k, v or "[dim]not installed[/]")
+        rng = d.tested.get(k)
+        mark = "" if rng is None else f"  (tested {rng['tested']}: {'ok' if rng['ok'] else '[red]outside[/]'})"
+        t.add_row(k, (v or "[dim]not installed[/]") + mark)
     t.add_row("device", d.device)
     t.add_row("bf16", "yes" if d.bf16 else "no")
     for k, v in d.memory.items():
@@ -123,5 +125,5 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console.print("no known problems detected")
     if args.json:
         args.json.write_text(json.dumps({"versions": d.versions, "device": d.device, "bf16": d.bf16, "memory": d.memory,
-                                         "problems": [{"problem": p, "fix": f} for p, f in d.problems], "notes": d.notes}, indent=2))
+                                         "tested": d.tested, "problems": [{"problem": p, "fix": f} for p, f in d.problems], "notes": d.notes}, indent=2))
     return 0

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import Phi4MultimodalAudioConfig, Phi4MultimodalConfig, PretrainedConfig
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.compat import rope_kwargs
 
 #: The adapter regexes of the published config.json, verbatim. They are written against the
 #: *inner* decoder's module names (remote code wraps ``self.model``), so as they are they match
@@ -233,15 +234,11 @@ def official_config_to_native(official: dict, generation_eos: list[int] | None =
     audio = {k: v for k, v in audio.items() if k in _AUDIO_FIELDS}
     image = embd.get("image_embd_layer", {})
     vision = {"crop_size": image.get("crop_size", 448), **d.pop("phi4mm_lora_vision_config", {})}
-    rope = d.pop("rope_scaling", None)
-    rope_theta, partial = d.pop("rope_theta", 10000.0), d.pop("partial_rotary_factor", 1.0)
-    if "rope_parameters" in _DECODER_FIELDS:  # transformers 5.x
-        if rope:
-            rope = {("rope_type" if k == "type" else k): v for k, v in rope.items()}
-            d["rope_parameters"] = {**rope, "rope_theta": rope_theta, "partial_rotary_factor": partial}
-    else:  # transformers 4.x keeps them at the top level
-        d.update(rope_scaling=rope, rope_theta=rope_theta, partial_rotary_factor=partial)
+    rope = {("rope_type" if k == "type" else k): v for k, v in (d.pop("rope_scaling", None) or {}).items()}
+    rope.update(rope_theta=d.pop("rope_theta", 10000.0), partial_rotary_factor=d.pop("partial_rotary_factor", 1.0))
+    rope.setdefault("rope_type", "default")
     d = {k: v for k, v in d.items() if k in _DECODER_FIELDS}
+    d.update(rope_kwargs(rope))
     if generation_eos:  # published: config.json names <|endoftext|>, generation_config.json adds <|end|>
         first = d.get("eos_token_id")
         ids = [first] if isinstance(first, int) else list(first or [])

@@ -26,6 +26,7 @@ class Diagnosis:
     memory: dict[str, float]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (problem, fix)
     notes: list[str] = field(default_factory=list)
+    tested: dict[str, dict] = field(default_factory=dict)  # package -> installed, tested range, ok
 
 
 def _version(pkg: str) -> str | None:
@@ -57,6 +58,15 @@ def diagnose() -> Diagnosis:
     else:
         desc = device.type
     d = Diagnosis(versions, desc, bf16_supported(device), memory)
+    from phi4mm_lora.versions import check_versions
+
+    for pkg, got, spec, ok in check_versions():
+        d.tested[pkg] = {"installed": got, "tested": spec, "ok": ok}
+        if not ok:
+            d.problems.append((
+                f"{pkg} {got or 'is not installed'}: outside the tested range {spec}",
+                f"pip install '{pkg}{spec}' (docs/compatibility.md lists what was tested)",
+            ))
     d.notes.append(f"precision plans that work here: {', '.join(working_plans(device))}")
 
     tf = versions.get("transformers") or "0"

@@ -167,10 +167,9 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
 def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
     from transformers import (
         Phi4MultimodalFeatureExtractor,
-            PreTrainedTokenizerFast,
-    )
+        )
 
-    from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor
+    from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, fast_tokenizer_class
     from phi4mm_lora.model.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_special_ids
 
     if not (folder / "tokenizer.json").is_file():
@@ -182,7 +181,7 @@ def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
         settings = json.loads((folder / "preprocessor_config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
     template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() else tok_cfg.get("chat_template")
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = fast_tokenizer_class()(
         tokenizer_file=str(folder / "tokenizer.json"),
         bos_token=tok_cfg.get("bos_token", "<|endoftext|>"),
         eos_token=tok_cfg.get("eos_token", "<|endoftext|>"),

@@ -30,7 +30,7 @@ from transformers import (
 
 from phi4mm_lora.config import DECODER_LORA_REGEX
 from phi4mm_lora.model import convert
-from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor
+from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, rope_kwargs
 from phi4mm_lora.model.tokenizer import EOS_IDS, VOCAB_SIZE, build_tokenizer
 
 #: Pretrained-style adapters of the tiny model (the real ones: speech r=320/640, vision r=256/512).
@@ -64,7 +64,7 @@ def tiny_config() -> Phi4MultimodalConfig:
         tie_word_embeddings=True,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
-        rope_parameters=_rope(hidden // heads),
+        **rope_kwargs(_rope(hidden // heads)),
         eos_token_id=EOS_IDS,
         audio_config={
             "hidden_size": 64,
