@@ -198,16 +198,25 @@ def test_official_processor_equals_native(tiny_official, tiny_native):
 
 
 def test_no_remote_code_is_ever_imported(tiny_official, tmp_path, monkeypatch, capsys):
-    """verify and convert on the official folder: the tripwire .py files never fire. The
-    tripwire is live: importing one fails and leaves its mark."""
+    """verify, inspect, one training step and convert on the official folder: the tripwire .py
+    files never fire. The tripwire is live: importing one fails and leaves its mark."""
     import importlib.util
 
+    from test_train_common import make_manifest, small_overrides
+
     from phi4mm_lora.cli import main
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.train.finetune import train
 
     mark = tmp_path / "fired.txt"
     monkeypatch.setenv("PHI4MM_LORA_TRIPWIRE", str(mark))
     assert main(["verify", "--model", str(tiny_official), "--precision", "fp32"]) == 0
     assert "verify passed" in capsys.readouterr().out
+    assert main(["inspect", "--model", str(tiny_official), "--precision", "fp32"]) == 0
+    manifest = make_manifest(tmp_path / "data", n=2)
+    run = train(load_config(None, small_overrides(manifest, tmp_path / "run", model__path=str(tiny_official),
+                                                  adapter__mode="pretrained", train__max_steps=1)), progress=False)
+    assert run.summary["first_loss"] > 0 and (run.adapter_dir / "adapter_model.safetensors").is_file()
     assert main(["convert", str(tiny_official), str(tmp_path / "native")]) == 0
     assert not mark.exists() and not (tiny_official / "TRIPWIRE_FIRED").exists()
     assert not [m for m in sys.modules if m.split(".")[-1] in {p[:-3] for p in REMOTE_CODE} or "transformers_modules" in m]

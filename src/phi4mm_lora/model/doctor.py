@@ -78,6 +78,9 @@ def diagnose() -> Diagnosis:
             "phi4mm-lora never runs remote code: it loads the native classes and converts the official "
             "layout in memory (or once with `phi4mm-lora convert SRC DST`). Nothing to do unless you call remote code yourself.",
         ))
+    peft_note = _transformers_peft_note(versions.get("peft"))
+    if peft_note:
+        d.notes.append(peft_note)
     if versions.get("torchcodec"):
         try:
             importlib.import_module("torchcodec.decoders")
@@ -95,3 +98,20 @@ def diagnose() -> Diagnosis:
     if device.type == "cpu":
         d.notes.append("no GPU: training runs on CPU (fine for the tiny model and tests, far too slow for 5.6B)")
     return d
+
+
+def _transformers_peft_note(peft_version: str | None) -> str | None:
+    """transformers' own PEFT integration (``model.load_adapter``) asks for a minimum peft that
+    rises with transformers (5.17: 0.19.1); phi4mm-lora uses PEFT directly and is not affected."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        from transformers.integrations import peft as tf_peft
+
+        need = getattr(tf_peft, "MIN_PEFT_VERSION", None)
+        if peft_version and need and Version(peft_version) < Version(need):
+            return (f"peft {peft_version} is older than the {need} transformers' own model.load_adapter() asks for; "
+                    "phi4mm-lora does not use it, but your own code calling it may fail")
+    except (ImportError, InvalidVersion):
+        pass
+    return None

@@ -165,9 +165,7 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
 
 
 def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
-    from transformers import (
-        Phi4MultimodalFeatureExtractor,
-        )
+    from transformers import Phi4MultimodalFeatureExtractor
 
     from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, fast_tokenizer_class
     from phi4mm_lora.model.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_special_ids
