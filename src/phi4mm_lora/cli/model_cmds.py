@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--layout", choices=("native", "official"), default="native",
-                   help="native: transformers layout + PEFT adapter folders; official: Microsoft's remote-code layout")
+                   help="native: transformers layout + PEFT adapter folders; official: the published download's layout "
+                   "(bf16 shards + index, published config/tokenizer/processor files, remote-code .py files that "
+                   "fail if anything imports them)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_tiny)
 

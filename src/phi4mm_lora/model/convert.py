@@ -319,15 +319,18 @@ def _shard(tensors: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Ten
 
 
 def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[str, dict[str, torch.Tensor]]],
-                   specs: dict[str, dict], processor=None, shards: int = 3, dtype: torch.dtype = torch.bfloat16) -> None:
+                   specs: dict[str, dict], processor=None, shards: int = 3, dtype: torch.dtype | None = None,
+                   tripwires: bool = False) -> None:
     """Write ``model`` + its speech/vision adapters as the published checkpoint stores them.
 
-    ``docs``: shared official-layout.md. Weights in ``dtype`` over ``shards`` files named by
+    Conventions from the shared official-layout.md: weights over ``shards`` files named by
     ``model.safetensors.index.json``, decoder linears as ``base_layer`` + ``lora_A/B.<adapter>``,
     ``speech-lora/`` and ``vision-lora/`` adapter folders, config.json with the published
-    regexes and key names, GPT-2 style tokenizer files and processor files with ``auto_map``,
-    and the five remote-code files (tripwires: they fail when imported). ``processor``: the
-    native processor whose tokenizer/settings are written; None writes weights and config only.
+    regexes and key names; with ``processor`` (the native processor) also GPT-2 style tokenizer
+    files and flat processor files with ``auto_map``. ``dtype``: cast floating tensors (the
+    published files are bf16); None keeps the model's. ``tripwires``: also write the five
+    remote-code file names as stand-ins that fail when imported (the tiny test model only;
+    an export must never ship .py files). Used by ``tiny --layout official`` and ``export``.
     """
     for name in ("speech", "vision"):
         bad = [m for m in adapters.get(name, {}) if not _DECODER_LORA_MODULE.match(m)]
@@ -347,7 +350,8 @@ def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[s
         for module, ab in weights.items():
             tensors[f"{module}.lora_A.{name}.weight"] = ab["A"]
             tensors[f"{module}.lora_B.{name}.weight"] = ab["B"]
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for i, part in enumerate(_shard(tensors, shards), start=1):
@@ -359,7 +363,7 @@ def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[s
     (out / "config.json").write_text(json.dumps(native_config_to_official(model.config, specs), indent=2))
     for name in ("speech", "vision"):
         _write_official_adapter(out / f"{name}-lora", adapters[name], specs[name], OFFICIAL_LAYER_REGEX[name], dtype)
-    for fname in REMOTE_CODE_FILES:
+    for fname in REMOTE_CODE_FILES if tripwires else ():
         (out / fname).write_text(_TRIPWIRE.format(name=fname))
     gen = getattr(model, "generation_config", None)
     (out / "generation_config.json").write_text(json.dumps(
@@ -369,7 +373,7 @@ def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[s
         write_official_processor_files(out, processor)
 
 
-def _write_official_adapter(folder: Path, weights: dict, spec: dict, layer: str, dtype: torch.dtype) -> None:
+def _write_official_adapter(folder: Path, weights: dict, spec: dict, layer: str, dtype: torch.dtype | None) -> None:
     """``speech-lora/`` / ``vision-lora/``: a PEFT folder over the inner decoder, as serving tools read it."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(spec["r"]), "lora_alpha": spec["lora_alpha"],
@@ -379,7 +383,8 @@ def _write_official_adapter(folder: Path, weights: dict, spec: dict, layer: str,
     tensors = {}
     for module, ab in weights.items():
         for ab_name in ("A", "B"):
-            tensors[f"base_model.model.{module}.lora_{ab_name}.weight"] = ab[ab_name].to(dtype).contiguous()
+            t = ab[ab_name]
+            tensors[f"base_model.model.{module}.lora_{ab_name}.weight"] = (t if dtype is None else t.to(dtype)).contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 

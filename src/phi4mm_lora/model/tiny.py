@@ -135,7 +135,8 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
                 convert.write_peft_adapter(tmp / f"{name}-lora", adapters[name], spec)
             processor.save_pretrained(tmp)
         else:  # the published conventions: bf16 shards + index, side files, tripwire .py files
-            convert.write_official(tmp, model, adapters, TINY_ADAPTERS, processor=processor)
+            convert.write_official(tmp, model, adapters, TINY_ADAPTERS, processor=processor,
+                                   dtype=torch.bfloat16, tripwires=True)
         (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout}, indent=1))
         if out.exists():
             out.rmdir()
