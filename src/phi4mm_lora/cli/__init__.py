@@ -14,7 +14,16 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phi4mm_lora.cli import data_cmds, eval_cmds, inspect_cmd, model_cmds, train_cmds
+    from phi4mm_lora.cli import (
+        config_cmds,
+        data_cmds,
+        eval_cmds,
+        export_cmd,
+        inspect_cmd,
+        model_cmds,
+        service_cmds,
+        train_cmds,
+    )
 
     parser = argparse.ArgumentParser(
         prog="phi4mm-lora",
@@ -23,28 +32,49 @@ def build_parser() -> argparse.ArgumentParser:
             "with a pronunciation-assessment recipe (APA scores + MDD transcripts). "
             "Every command that takes --model uses a tiny test model when it is left out."
         ),
-        epilog="Start with: phi4mm-lora doctor; phi4mm-lora verify; phi4mm-lora train configs/demo.yaml",
+        epilog="Start with: phi4mm-lora doctor; phi4mm-lora verify; phi4mm-lora train configs/demo.yaml\n"
+        "Config keys and what they do: phi4mm-lora config show [SECTION]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    # commands that never load a model set light=True, so they start without importing transformers
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds):
+    for module in (model_cmds, inspect_cmd, data_cmds, train_cmds, eval_cmds, export_cmd, service_cmds, config_cmds):
         module.register(sub)
     return parser
 
 
 def _quiet_libraries() -> None:
-    """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output."""
+    """Library chatter (bnb kernels, rope notices, progress of tiny loads) hides our output.
+
+    Only environment variables and warning filters here: importing transformers would cost
+    a second on every command, even ``--help`` (see :func:`_quiet_transformers`).
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # A warning is a note to the user, not a code location: print it as one line.
+    # A warning is a note to the user, not a code location: print it as one line, once per
+    # command. Python's own once-per-location registry is reset whenever any library touches the
+    # warning filters (catch_warnings does), so a demo that loads the model twice said it twice.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    seen: set[str] = set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show_once
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars (weight loading) for commands that load a model."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -60,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not debug and not getattr(args, "light", False):
+        _quiet_transformers()
     from phi4mm_lora.versions import untested_warning
 
     if (line := untested_warning()) is not None:

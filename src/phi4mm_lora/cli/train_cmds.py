@@ -53,6 +53,10 @@ eval:
 """
 
 
+#: ``bench train`` variants (train.bench.VARIANTS; a test keeps both equal).
+BENCH_VARIANTS = ("baseline", "pipeline", "pipeline+gc")
+
+
 def _summary_line(summary: dict) -> str:
     keys = ("steps", "first_loss", "final_loss", "examples_per_s", "tokens_per_s", "wall_s", "peak_rss_mb")
     return ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
@@ -124,8 +128,7 @@ def demo(args: argparse.Namespace) -> int:
     result = train(cfg, evaluate_fn=None, progress=not args.no_progress)
 
     # Step 4: the trained adapter on the same utterances, side by side with the untrained model.
-    trained = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(result.adapter_dir)})})
-    after = evaluate(trained, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
+    after = evaluate(cfg, run=result.run_dir, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
                      name="after training", compare_name="before training", progress=not args.no_progress)
     Console().print(render_table(after, compare=before, compare_name="before training"))
     print(f"evaluation report: {out / 'eval-after' / 'report.md'}")
@@ -162,17 +165,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(handler=cmd_train)
 
-    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)")
+    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)",
+                              epilog="Every key, with type, default and meaning: phi4mm-lora config show [SECTION]")
     v.add_argument("config", help="run config YAML")
     v.add_argument("overrides", nargs="*", metavar="key=value")
-    v.set_defaults(handler=cmd_validate)
+    v.set_defaults(handler=cmd_validate, light=True)
 
     b = subparsers.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bt = bsub.add_parser("train", help="training-step throughput and peak memory vs a full-logits baseline")
-    from phi4mm_lora.train.bench import add_args
-
-    add_args(bt)
+    # the arguments live here, not in train.bench: importing that module imports torch, and
+    # building the parser must stay fast (``phi4mm-lora --help`` in well under a second)
+    bt.add_argument("--layers", type=int, default=2, help="decoder layers of the benchmark model (default 2)")
+    bt.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant (default 1)")
+    bt.add_argument("--variants", default=",".join(BENCH_VARIANTS), help=f"comma list of {', '.join(BENCH_VARIANTS)}")
+    bt.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     bt.set_defaults(handler=cmd_bench_train)
 
     d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU (about 2-3 minutes)")

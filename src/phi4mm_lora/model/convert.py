@@ -456,7 +456,7 @@ def checkpoint_shards(folder: Path) -> dict[str, list[str]]:
         return files
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     if not found:
-        raise UserError(f"{folder} holds no *.safetensors weights; point --model at a checkpoint folder")
+        raise UserError(f"{folder} holds no *.safetensors weights; point model.path at a checkpoint folder")
     if len(found) > 1:
         raise UserError(f"{folder} holds {len(found)} *.safetensors files but no {INDEX_FILE} saying which belong "
                         "to the checkpoint; restore the index or keep one weights file")

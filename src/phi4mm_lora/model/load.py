@@ -55,7 +55,7 @@ def resolve_path(model_cfg: ModelConfig) -> Path:
     p = Path(model_cfg.path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise UserError(f"--model {p} is a file; pass the checkpoint folder that holds config.json")
+            raise UserError(f"model path {p} is a file; pass the checkpoint folder that holds config.json")
         return p
     if HUB_ID.match(model_cfg.path) and not model_cfg.path.startswith((".", "/")):
         return _snapshot(model_cfg.path, model_cfg.revision or NATIVE_REVISION)
@@ -70,7 +70,7 @@ def _snapshot(repo_id: str, revision: str) -> Path:
     except Exception as exc:  # network, auth, missing revision
         raise UserError(
             f"could not fetch {repo_id}@{revision} from the hub ({type(exc).__name__}: {str(exc)[:200]}); "
-            "download it elsewhere and pass the local folder with --model"
+            "download it elsewhere and set model.path to the local folder (model.path=DIR)"
         ) from None
 
 

@@ -20,12 +20,14 @@ What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
    multi-process training then give exactly the gradient of one big batch;
 3. loss is computed on answer positions only (:mod:`phi4mm_lora.train.loss`);
 4. a non-finite loss stops the run naming the step, the examples and the last checkpoint;
-5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and TensorBoard.
+5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and the trackers of
+   ``train.report_to`` (TensorBoard by default; :mod:`phi4mm_lora.train.trackers`).
 
 Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
 each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
-the data. After each epoch an optional ``evaluate_fn(model, processor, epoch) -> dict`` is
-called (when ``eval.during_training``) and its numbers are logged with the losses; under FSDP
+the data. After each epoch (and every ``eval.every_steps`` steps, when set) an optional
+``evaluate_fn(model, processor, epoch) -> dict`` is called (when ``eval.during_training``) and
+its numbers are logged with the losses; at the end the config goes to TensorBoard as hparams; under FSDP
 or ZeRO-3 it is skipped with a warning (generation on one process would deadlock the others):
 evaluate the saved checkpoint with ``phi4mm-lora evaluate`` instead.
 """
@@ -48,10 +50,11 @@ from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.train import checkpoint as ckpt
-from phi4mm_lora.train import distributed
+from phi4mm_lora.train import distributed, trackers
 from phi4mm_lora.train import loss as loss_mod
 
-#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
+#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log; called after each
+#: epoch, and with ``eval.every_steps`` also mid-epoch as ``evaluate_fn(model, processor, epoch, step=N)``.
 EvaluateFn = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
 
@@ -175,7 +178,6 @@ def train(
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -194,7 +196,9 @@ def train(
     # process (tests, a notebook, demo then eval) may use another precision, so start clean.
     # The distributed process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu")
+    trackers.check_available(tc.report_to)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu",
+                              log_with=trackers.log_with(tc.report_to, run_dir) or None)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 
     def say(msg: str) -> None:
@@ -284,7 +288,7 @@ def train(
         else:  # drop lines logged after the checkpoint we resume from
             kept = [ln for ln in metrics_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= global_step]
             metrics_file.write_text("".join(k + "\n" for k in kept))
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    trackers.start(accelerator, cfg, run_dir)  # train.report_to; the config as hyperparameters
     say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
         f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
         f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
@@ -323,6 +327,27 @@ def train(
             ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
+
+    last_eval_step: int | None = None
+
+    def run_eval(epoch_value: float, when: str, step: int | None = None) -> None:
+        """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
+        nonlocal last_eval_step
+        if main:
+            model.eval()
+            with torch.no_grad():
+                extra = {} if step is None else {"step": step}
+                result = dict(evaluate_fn(peft, processor, epoch_value, **extra))
+            model.train()
+            erow = {"type": "eval", "step": global_step, "epoch": epoch_value, **result}
+            eval_rows.append(erow)
+            record(erow)
+            accelerator.log({f"eval/{k}": v for k, v in result.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=global_step)
+            say(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in result.items()))
+        last_eval_step = global_step
+        accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ train
     model.train()
@@ -385,10 +410,8 @@ def train(
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "label_tokens": n_total,
                    "examples_per_s": n_examples / elapsed, "tokens_per_s": n_tokens / elapsed}
             record(row)
-            if writer is not None:
-                for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s"):
-                    if row[k] is not None:
-                        writer.add_scalar(f"train/{k}", row[k], global_step)
+            accelerator.log({f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s")
+                             if row[k] is not None}, step=global_step)
             bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
             bar.update(1)
             if global_step % tc.log_every_steps == 0 or global_step == total_steps:
@@ -397,6 +420,10 @@ def train(
             if tc.save_every_steps and global_step % tc.save_every_steps == 0:
                 last_ckpt = save_checkpoint(epoch, s + 1)
                 say(f"checkpoint {last_ckpt}")
+            every = cfg.eval.every_steps
+            if (every and global_step % every == 0 and s + 1 < spe and evaluate_fn is not None
+                    and cfg.eval.during_training and distributed.can_evaluate_on_main(accelerator)):
+                run_eval(round(epoch + (s + 1) / spe, 4), f"at step {global_step}", step=global_step)
 
         epoch_done = last == spe
         if epoch_done:
@@ -408,22 +435,8 @@ def train(
                     say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
                         "are sharded; generating on one process would hang the others); evaluate a checkpoint "
                         "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
-            elif evaluate_fn is not None and cfg.eval.during_training:
-                if main:
-                    model.eval()
-                    with torch.no_grad():
-                        result = dict(evaluate_fn(peft, processor, epoch + 1))
-                    model.train()
-                    erow = {"type": "eval", "step": global_step, "epoch": epoch + 1, **result}
-                    eval_rows.append(erow)
-                    record(erow)
-                    if writer is not None:
-                        for k, v in result.items():
-                            if isinstance(v, (int, float)):
-                                writer.add_scalar(f"eval/{k}", v, global_step)
-                    say(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                              for k, v in result.items()))
-                accelerator.wait_for_everyone()
+            elif evaluate_fn is not None and cfg.eval.during_training and last_eval_step != global_step:
+                run_eval(epoch + 1, f"after epoch {epoch + 1}")
         if global_step >= total_steps:
             break
     bar.close()
@@ -448,10 +461,10 @@ def train(
         "last_checkpoint": str(last_ckpt) if last_ckpt else None, "eval": eval_rows[-1] if eval_rows else None,
     }
     if main:
-        if writer is not None:
-            writer.close()
         summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        trackers.log_files(accelerator, [run_dir / "loss_curve.png", run_dir / "summary.json", metrics_file])
+        trackers.finish(accelerator, cfg, summary)  # TensorBoard: the config as hparams with the final numbers
         say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in summary.items() if k != "eval"))
     accelerator.end_training()
