@@ -120,7 +120,7 @@ def add_batch_args(s: argparse.ArgumentParser) -> None:
 
 def cmd_score_batch(args: argparse.Namespace) -> int:
     """``score --batch``: every row scored, failures reported, nothing stops the run."""
-    from phi4mm_lora.evaluate.batch import read_rows, score_rows
+    from phi4mm_lora.evaluate.batch import check_output, read_rows, score_rows
     from phi4mm_lora.model.load import load_model
     from phi4mm_lora.serve.app import response_provenance
 
@@ -128,7 +128,7 @@ def cmd_score_batch(args: argparse.Namespace) -> int:
         raise UserError(f"give recordings either as AUDIO arguments or with --batch, not both ({args.audio[0]} ...)")
     rows = read_rows(args.batch, args.sentences, args.text)  # input errors before the model loads
     src = Path(args.batch)
-    output = Path(args.output) if args.output else Path(f"{src.stem if src.is_file() else src.name}-scores.jsonl")
+    output = check_output(Path(args.output) if args.output else Path(f"{src.stem if src.is_file() else src.name}-scores.jsonl"))
     cfg = _configured(args)
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
     prov: dict[str, Any] = {"provenance": response_provenance(cfg, loaded)}

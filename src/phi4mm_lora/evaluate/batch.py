@@ -159,12 +159,18 @@ def _csv_value(key: str, result: dict[str, Any]) -> Any:
     return value
 
 
+def check_output(path: Path) -> Path:
+    """The results file's name says its format; refused before any model loads."""
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise UserError(f"--output {path}: use a .jsonl or .csv file name")
+    return path
+
+
 class ResultWriter:
     """Append results to ``.jsonl`` (every field) or ``.csv`` (:data:`CSV_COLUMNS`)."""
 
     def __init__(self, path: Path) -> None:
-        if path.suffix.lower() not in (".jsonl", ".csv"):
-            raise UserError(f"--output {path}: use a .jsonl or .csv file name")
+        check_output(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.csv = path, path.suffix.lower() == ".csv"
         self._f = path.open("w", newline="" if self.csv else None, encoding="utf-8")
