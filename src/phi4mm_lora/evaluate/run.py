@@ -45,11 +45,14 @@ def _utterance_info(cfg: RunConfig, utt_ids: set[str]) -> dict[str, dict[str, An
     """
     if cfg.data.source != "speechocean" or not utt_ids:
         return {}
-    from phi4mm_lora.data.speechocean import read_speechocean
+    from phi4mm_lora.data.speechocean import default_extract_dir, read_speechocean, resolve_source
 
-    path = Path(cfg.data.path).expanduser() if cfg.data.path else bundled_corpus_path()
+    path = resolve_source(cfg.data.path, bundled_corpus_path())
+    extract_dir = None
+    if cfg.data.feature_cache:  # the same extraction folder build_examples used
+        extract_dir = Path(cfg.data.feature_cache).expanduser() / "extracted" / default_extract_dir(path).name
     info = {}
-    for u in read_speechocean(path).utterances:
+    for u in read_speechocean(path, extract_dir).utterances:
         if u.utt_id in utt_ids:
             canon = [p for w in u.words for p in canonical_phones(w)]
             info[u.utt_id] = {"canonical_phones": " ".join(canon) if canon else None,
