@@ -96,45 +96,28 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The demo, step by step: config -> evaluate untrained -> train -> evaluate trained -> where to look."""
-    from phi4mm_lora.config import load_config
-    from phi4mm_lora.train import train
+    """The demo: config -> evaluate untrained -> train -> evaluate trained -> where to look."""
+    from rich.console import Console
 
-    t0 = time.perf_counter()
-    # Step 1: the embedded demo config, in a fresh run folder.
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.demo import render_learning_table, run_demo
+
     out = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "demo.yaml"
     cfg_file.write_text(DEMO_YAML)
     cfg = load_config(cfg_file, [f"output_dir={out}", *(args.overrides or [])])
     print(f"demo: training the tiny model on the bundled corpus (APA + MDD) into {out}")
+    res = run_demo(cfg, out, args.eval_limit, progress=not args.no_progress)
+    from phi4mm_lora.demo import learning_rows
 
-    # Step 2: score the untrained model on held-out speakers (the test split), as the paper's
-    # "untrained" row does.
-    from rich.console import Console
-
-    from phi4mm_lora.evaluate.report import render_table
-    from phi4mm_lora.evaluate.run import evaluate
-
-    n_eval = args.eval_limit
-    before = evaluate(cfg, split="test", limit=n_eval, output_dir=out / "eval-before", name="before training",
-                      progress=not args.no_progress)
-
-    # Step 3: train (builds the tiny model on first use).
-    result = train(cfg, evaluate_fn=None, progress=not args.no_progress)
-
-    # Step 4: the trained adapter on the same utterances, side by side with the untrained model.
-    trained = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(result.adapter_dir)})})
-    after = evaluate(trained, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
-                     name="after training", compare_name="before training", progress=not args.no_progress)
-    Console().print(render_table(after, compare=before, compare_name="before training"))
-    print(f"evaluation report: {out / 'eval-after' / 'report.md'}")
-
-    # Step 5: where to look.
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s: {_summary_line(result.summary)}")
-    print(f"loss curve: {result.summary['loss_curve']}")
-    print(f"adapter: {result.adapter_dir}")
-    print(f"metrics: {result.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {result.run_dir / 'tensorboard'})")
+    Console().print(render_learning_table(learning_rows(res.before, res.after)))
+    print(f"summary: {out / 'demo.md'}; evaluation reports: {out / 'eval-train-after' / 'report.md'}, "
+          f"{out / 'eval-after' / 'report.md'}")
+    print(f"demo finished in {res.seconds:.0f} s: {_summary_line(res.train_summary)}")
+    print(f"loss curve: {res.train_summary['loss_curve']}")
+    print(f"adapter: {res.adapter_dir}")
+    print(f"metrics: {res.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {res.run_dir / 'tensorboard'})")
     return 0
 
 
