@@ -148,8 +148,8 @@ class DataConfig(_Section):
 class PromptConfig(_Section):
     """Prompt texts: empty uses the project's files in phi4mm_lora/data/prompts/."""
 
-    apa: str | None = Field(None, description="File with the APA instruction.")
-    mdd: str | None = Field(None, description="File with the MDD instruction.")
+    apa: str | None = Field(None, description="File with the APA instruction, or 'short' (built-in two-line one).")
+    mdd: str | None = Field(None, description="File with the MDD instruction, or 'short' (built-in two-line one).")
 
 
 class TrainConfig(_Section):
@@ -167,6 +167,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     group_by_length: bool = True
     save_every_steps: int | None = None
+    save_every_epoch: bool = Field(
+        True, description="Also checkpoint at the end of every epoch (off: only every save_every_steps; "
+        "the final adapter is always written). Many tiny epochs (the demo) would spend their time saving.")
     keep_checkpoints: int | None = Field(
         2,
         description="Keep only the newest N checkpoints (older ones are deleted once a newer one is "
