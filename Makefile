@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 install: system-deps $(VENV)/.installed
 
 # espeak-ng speaks the generated corpus; without it the committed corpus is used.
+# chromium + chromium-driver run the browser test of the scoring page (skipped without them).
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) 2>/dev/null || echo "note: espeak-ng not installed; using the committed corpus"; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) 2>/dev/null || echo "note: chromium/chromium-driver not installed; the browser test of the scoring page is skipped"; }
 
 demo: install
 	$(VENV)/bin/phi4mm-lora demo

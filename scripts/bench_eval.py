@@ -28,6 +28,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, default=None, help="utterances per split")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--full-examples", type=int, default=5000,
+                    help="examples to extrapolate to (default: Speechocean762 test, 2,500 utterances x 2 tasks)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the first batch under torch.profiler and print its top operators")
     args = ap.parse_args()
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -37,7 +41,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from phi4mm_lora.config import load_config
     from phi4mm_lora.data.examples import build_examples
-    from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for
+    from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, plan_batches
     from phi4mm_lora.model.load import load_model
 
     over = [f"eval.batch_size={args.batch_size}", f"eval.max_new_tokens={args.max_new_tokens}"]
@@ -61,6 +65,10 @@ def main() -> None:
                         max_new_tokens=cfg.eval.max_new_tokens, progress=False)
     gen_s = time.perf_counter() - t1
     tokens = sum(g.n_tokens for g in gens)
+    # A batch decodes until its longest answer stops: that many forward passes of the decoder.
+    n_tok = {g.id: g.n_tokens for g in gens}
+    batches = plan_batches(examples, cfg.eval.batch_size)
+    decode_steps = sum(max(n_tok[e.id] for e in b) for b in batches)
     figures = {
         "device": str(loaded.plan.device),
         "precision": loaded.plan.name,
@@ -81,14 +89,39 @@ def main() -> None:
         "examples_per_s": round(len(examples) / gen_s, 2),
         "tokens_per_s": round(tokens / gen_s, 1),
         "total_wall_s": round(time.perf_counter() - t0, 2),
+        "batches": len(batches),
+        "decode_steps": decode_steps,
+        # prefill (audio encoder + prompt) is included: this is wall time per decoder step
+        "ms_per_decode_step": round(1000 * gen_s / max(decode_steps, 1), 2),
+        "full_examples": args.full_examples,
+        "extrapolated_full_s": round(args.full_examples / (len(examples) / gen_s), 1),
     }
     print(f"{len(examples)} examples ({utts} utterances x tasks) in {gen_s:.1f} s generation wall time: "
           f"{figures['examples_per_s']} examples/s, {figures['tokens_per_s']} tokens/s "
           f"(+{load_s:.1f} s model load; total {figures['total_wall_s']} s)")
+    print(f"{decode_steps} decoding steps in {len(batches)} batches: {figures['ms_per_decode_step']} ms/step; "
+          f"{args.full_examples} examples would take {figures['extrapolated_full_s'] / 60:.1f} min")
     print(json.dumps(figures, indent=2))
+    if args.profile:
+        profile_batch(loaded, batches[0], cfg.eval.max_new_tokens)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)
+
+
+def profile_batch(loaded, batch, max_new_tokens: int) -> None:
+    """Top operators of one batch's generation (CPU, and CUDA when present), by self time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi4mm_lora.evaluate.generate import generate_all
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        generate_all(loaded.model, loaded.processor, batch, batch_size=len(batch),
+                     max_new_tokens=max_new_tokens, progress=False)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import Phi4MultimodalForCausalLM
 
 from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
-from phi4mm_lora.model.adapters import merge_and_save, save_trained
+from phi4mm_lora.model.adapters import AUDIO_PROJECTOR, merge_and_save, save_trained
 from phi4mm_lora.model.load import load_model
+from phi4mm_lora.model.precision import AUDIO_TOWER
 from phi4mm_lora.model.tiny import tiny_config
 
 CFG = tiny_config()
@@ -162,10 +166,31 @@ def test_unfrozen_modules_saved_and_restored(tiny_native, tmp_path):
     with torch.no_grad():
         want = loaded.model(**batch).logits
     out = save_trained(loaded.model, loaded.adapters, tmp_path / "adapter")
-    assert (out / "trainable_modules.safetensors").is_file()
+    # PEFT's own format for whole trained modules, not a side file plain PEFT would ignore
+    assert not (out / "trainable_modules.safetensors").exists()
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == sorted([AUDIO_TOWER, *AUDIO_PROJECTOR])
     again = _load(tiny_native, trainable="unfreeze", init_from=str(out))
     with torch.no_grad():
         assert torch.allclose(again.model(**batch).logits, want, atol=1e-6)
+
+    # plain transformers + PEFT, nothing of this project: the same model, unfrozen modules included
+    base = Phi4MultimodalForCausalLM.from_pretrained(tiny_native, dtype=torch.float32).eval()
+    with torch.no_grad():
+        without = PeftModel.from_pretrained(base, str(out)).eval()
+        got = without(**batch).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    # and the unfrozen modules matter: leaving them out gives another model
+    bare = tmp_path / "lora-only"
+    bare.mkdir()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = None
+    (bare / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({k: v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if ".lora_" in k},
+              str(bare / "adapter_model.safetensors"))
+    base = Phi4MultimodalForCausalLM.from_pretrained(tiny_native, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(PeftModel.from_pretrained(base, str(bare)).eval()(**batch).logits, want, atol=1e-4)
 
 
 def test_merge_matches_unmerged_and_saves(tiny_native, tmp_path):

@@ -18,11 +18,11 @@ import soxr
 from rich.console import Console
 
 from phi4mm_lora.cli import main
-from phi4mm_lora.cli.eval_cmds import resolve_adapter, with_adapter
 from phi4mm_lora.config import load_config
 from phi4mm_lora.data.examples import bundled_corpus_path
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.score import feedback, render
+from phi4mm_lora.model.run_folder import Run
 
 SCORE_KEYS = {"accuracy", "fluency", "prosodic", "total"}
 
@@ -84,7 +84,8 @@ def test_feedback_formats_a_real_answer() -> None:
     for part in render(r):
         console.print(part)
     text = buf.getvalue()
-    assert "bear" in text and "substitution" in text and "zorblax" in text and "8" in text
+    assert "bear" in text and "EH->IH" in text and "EH heard as IH" in text and "zorblax" in text
+    assert "8/10" in text and "generally correct" in text  # accuracy 7-8 band of prompts/apa.txt
 
 
 def test_feedback_unparseable_answers() -> None:
@@ -114,15 +115,21 @@ def test_adapter_resolution(tmp_path: Path) -> None:
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16,
                                                                       "target_modules": ["qkv_proj", "o_proj"]}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    assert resolve_adapter(run) == (run / "adapter", None)
-    cfg = with_adapter(load_config(), run)
+    # a well-formed (if useless) weights file: opening an adapter checks the safetensors header
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
+    opened = Run.open(run)
+    assert (opened.adapter_dir, opened.root) == (run / "adapter", None)
+    cfg = opened.configure(load_config())
     assert cfg.adapter.init_from == str(run / "adapter")
     assert cfg.adapter.mode == "fresh" and cfg.adapter.r == 8 and cfg.adapter.alpha == 16
     assert "qkv_proj" in cfg.adapter.target_modules
     (run / "config.yaml").write_text("adapter:\n  mode: stacked\n  r: 8\n  name: task\n")
-    assert resolve_adapter(run / "adapter") == (run / "adapter", run / "config.yaml")
-    cfg = with_adapter(load_config(), run / "adapter")
+    opened = Run.open(run / "adapter")
+    assert (opened.adapter_dir, opened.root) == (run / "adapter", run)
+    cfg = opened.configure(load_config())
     assert cfg.adapter.mode == "stacked" and cfg.adapter.name == "task"
     with pytest.raises(UserError, match="does not exist"):
-        resolve_adapter(tmp_path / "nope")
+        Run.open(tmp_path / "nope")

@@ -144,7 +144,9 @@ def test_demo_config_embedded_copy_in_sync():
     from phi4mm_lora.cli.train_cmds import DEMO_YAML
 
     repo_copy = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    assert repo_copy.read_text() == DEMO_YAML
+    # the repository copy starts with the editor's schema line (configs/run-config.schema.json)
+    schema_line = "# yaml-language-server: $schema=run-config.schema.json\n"
+    assert repo_copy.read_text() == schema_line + DEMO_YAML
 
 
 def test_demo_command_short(tmp_path, capsys):

@@ -62,10 +62,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from"] == str(latest) and summary["steps"] == 12
-    assert max_diff(read_trained(killed / "adapter"), read_trained(clean / "adapter")) <= 1e-6
+    # Exact, not close: both runs execute the same kernels on the same shapes with the same
+    # thread count (the killed process and this one both use torch's default), the resumed run
+    # restores the optimizer moments, scheduler, RNG streams and data position bit for bit, so
+    # every step repeats the same floating-point operations in the same order.
+    assert max_diff(read_trained(killed / "adapter"), read_trained(clean / "adapter")) == 0.0
     a, b = _losses(killed), _losses(clean)
     assert len(a) == len(b) == 12
-    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-6
+    assert a == b
 
 
 def test_atomic_dir_never_looks_complete_on_failure(tmp_path):

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import read_text
 
 #: The decoder linears the official speech/vision adapters target.
 DECODER_LORA_REGEX = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
@@ -25,7 +26,17 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32", "int8", "nf4", "selective
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the docstring under a field is its description, shown by
+    # ``phi4mm-lora config show`` and written into the JSON Schema.
+    # allow_inf_nan=False: `.nan`/`.inf` in YAML are refused for every float ("finite number")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+
+def _at_least(low: int, v: int | None, what: str = "") -> int | None:
+    if v is not None and v < low:
+        raise ValueError(f"must be >= {low}{what}")
+    return v
 
 
 class ModelConfig(_Section):
@@ -40,7 +51,9 @@ class ModelConfig(_Section):
         None, description="Hub revision; empty picks the one holding the native layout (refs/pr/70)."
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """auto: CUDA, then MPS, then CPU; a named device that is missing is an error."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel; flash_attention_2 needs the flash-attn package and a GPU."""
 
 
 class AdapterConfig(_Section):
@@ -52,10 +65,14 @@ class AdapterConfig(_Section):
         "new one (its ability is lost); stacked: add a new adapter on top of the frozen one.",
     )
     base: Literal["speech", "vision"] = "speech"
+    """The checkpoint's pretrained adapter this run builds on (speech for audio tasks)."""
     name: str = Field("task", description="Name of the new adapter in stacked mode.")
     r: int = 64
+    """LoRA rank of a fresh or stacked adapter."""
     alpha: float = 128
+    """LoRA alpha (scaling alpha / r); commonly 2 x r."""
     dropout: float = 0.05
+    """LoRA dropout, in [0, 1)."""
     target_modules: str = Field(
         DECODER_LORA_REGEX,
         description="Regex over module names, or 'all-linear' (decoder linears).",
@@ -116,16 +133,21 @@ class DataConfig(_Section):
     """What to train and evaluate on."""
 
     source: Literal["speechocean", "manifest"] = "speechocean"
+    """speechocean: a Speechocean762 release or hub copy; manifest: a JSONL file of audio + answers."""
     path: str | None = Field(
         None,
         description="Speechocean762 release dir, a datasets save_to_disk/parquet folder, or a "
         "JSONL manifest. Empty: the bundled generated corpus.",
     )
     task: Literal["apa", "mdd", "both"] = "both"
+    """apa: scores; mdd: word/phone transcripts; both: every utterance twice, once per task."""
     train_split: str = "train"
+    """Split trained on."""
     eval_split: str = "test"
+    """Split evaluated (evaluate's default --split, and evaluation during training)."""
     validation_fraction: float = Field(0.0, description="Share of train speakers held out.")
     max_audio_seconds: float = 30.0
+    """Longer recordings are skipped and reported."""
     limit: int | None = Field(None, description="Use at most this many utterances per split.")
     strict: bool = Field(False, description="Any bad record is fatal instead of skipped+reported.")
     feature_cache: str | None = Field(None, description="Folder for cached audio features.")
@@ -144,6 +166,11 @@ class DataConfig(_Section):
             raise ValueError("max_audio_seconds must be > 0")
         return v
 
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        return _at_least(1, v, " (or null for all utterances)")
+
 
 class PromptConfig(_Section):
     """Prompt texts: empty uses the project's files in phi4mm_lora/data/prompts/."""
@@ -156,27 +183,47 @@ class TrainConfig(_Section):
     """Optimisation; defaults are the paper's recipe."""
 
     epochs: float = 3
+    """Passes over the training examples; fractions allowed."""
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: int = 8
+    """Examples per micro-batch, per process."""
     grad_accum: int = 8
+    """Micro-batches per optimizer step (per process)."""
     lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.0
+    """Share of the steps spent warming the learning rate up from 0."""
     scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this; null: no clipping."""
     gradient_checkpointing: bool = True
+    """Recompute decoder activations in backward: less memory, ~30% slower."""
     group_by_length: bool = True
+    """Batch examples of similar length together (less padding)."""
     save_every_steps: int | None = None
-    save_every_epoch: bool = Field(
-        True, description="Also checkpoint at the end of every epoch (off: only every save_every_steps; "
-        "the final adapter is always written). Many tiny epochs (the demo) would spend their time saving.")
+    """Also write a checkpoint every N optimizer steps (and at each epoch end unless save_every_epoch is off)."""
+    save_every_epoch: bool = True
+    """Checkpoint at the end of every epoch; off: only every save_every_steps (the final adapter is always
+    written). Many tiny epochs (the demo) would otherwise spend their time saving."""
     keep_checkpoints: int | None = Field(
         2,
         description="Keep only the newest N checkpoints (older ones are deleted once a newer one is "
         "complete); null keeps every one. Each holds the adapter and optimizer state.",
     )
     log_every_steps: int = 1
+    """Print a log line every N steps (every step still goes to metrics.jsonl)."""
     num_workers: int = 0
+    """DataLoader worker processes that decode audio ahead of the training step."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                            "trackio"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers (accelerate's): the config is logged as hyperparameters, train/* per "
+        "step, eval/* per epoch, the loss curve as a file. [] logs to metrics.jsonl only. MLflow reads "
+        "MLFLOW_TRACKING_URI, W&B its WANDB_* settings.",
+    )
     padding_side: Literal["left", "right"] = Field(
         "right",
         description="Where the collator pads. Both give the same loss (position ids follow the "
@@ -206,28 +253,100 @@ class TrainConfig(_Section):
             raise ValueError("must be >= 1 (or null to keep all): resume needs the newest checkpoint")
         return v
 
+    @field_validator("max_steps", "save_every_steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        return _at_least(1, v, " (or null)")
+
+    @field_validator("log_every_steps")
+    @classmethod
+    def _log_every(cls, v: int) -> int:
+        return _at_least(1, v)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        return _at_least(0, v, " (0 loads batches in the training process)")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_at_most_one(cls, v: float) -> float:
+        if v > 1:
+            raise ValueError("must be <= 1 (LoRA learning rates are about 1e-5 to 1e-3)")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1] (a share of the training steps)")
+        return v
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0 (or null for no clipping)")
+        return v
+
 
 class EvalConfig(_Section):
     """Generation and evaluation settings."""
 
     batch_size: int = 8
+    """Utterances generated together."""
     max_new_tokens: int = 128
+    """Upper bound on the answer length in tokens (a task's own budget is used when smaller)."""
     during_training: bool = True
-    subset: int = Field(32, description="Utterances of the eval split scored after each epoch.")
+    """Evaluate a subset of the eval split while training (after each epoch, see every_steps)."""
+    subset: int = Field(32, description="Utterances of the eval split scored at each evaluation during training.")
+    every_steps: int | None = Field(
+        None,
+        description="Also evaluate every N optimizer steps, mid-epoch; null: only after each epoch.",
+    )
+
+    @field_validator("every_steps")
+    @classmethod
+    def _every(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1 (or null: evaluate after each epoch only)")
+        return v
+
+    @field_validator("batch_size", "max_new_tokens", "subset")
+    @classmethod
+    def _eval_at_least_one(cls, v: int) -> int:
+        return _at_least(1, v)
 
 
 class RunConfig(_Section):
     """Everything one run needs; see configs/*.yaml for commented examples."""
 
     output_dir: str = "runs/default"
+    """The run folder: config, metrics, checkpoints, adapter, evaluations."""
     seed: int = 42
+    """Seeds data order, LoRA initialisation and dropout."""
     precision: Precision = "auto"
+    """Precision plan; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < 2**32:
+            raise ValueError("must be in [0, 2**32) (numpy's seed range)")
+        return v
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -249,6 +368,32 @@ def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the key at ``loc`` (a pydantic error location)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _unknown_key_message(loc: tuple) -> str:
+    """'unknown key' with the closest real keys (difflib) and the command that lists them."""
+    import difflib
+
+    model = _section_model(loc)
+    section = ".".join(str(p) for p in loc[:-1])
+    keys = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=3, cutoff=0.6)
+    prefix = f"{section}." if section else ""
+    hint = f"did you mean {' or '.join(f'`{prefix}{k}`' for k in close)}? " if close else ""
+    show = f"phi4mm-lora config show {section}" if section else "phi4mm-lora config show"
+    return f"unknown key; {hint}`{show}` lists the keys"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """All problems, one per line, with the dotted key (pydantic already collects them all)."""
     lines = []
@@ -256,8 +401,10 @@ def format_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; `phi4mm-lora validate --help` lists sections)"
+            msg = _unknown_key_message(tuple(err["loc"]))
         lines.append(f"  {loc}: {msg}")
+    if len(lines) == 1:  # one problem, one line
+        return f"run config: {lines[0].strip()}"
     return f"{len(lines)} problem(s) in the run config:\n" + "\n".join(lines)
 
 
@@ -269,7 +416,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {p} not found; pass an existing YAML (see configs/)")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text(p, "config file")) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
@@ -287,3 +434,65 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config, so a run folder says exactly what ran."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``float | null``, ``str`` ... as a user reads them (Literal values are listed apart)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "choice"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _allowed(annotation: Any) -> list[Any]:
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    return [v for a in typing.get_args(annotation) for v in _allowed(a)]
+
+
+def describe_config(section: str | None = None) -> list[dict[str, Any]]:
+    """Every key of the run config (or of one section) with type, default, allowed values and
+    description, read from the typed config itself, so the list cannot drift from the code."""
+    sections = {name: f.annotation for name, f in RunConfig.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    if section is not None and section not in RunConfig.model_fields:
+        import difflib
+
+        close = difflib.get_close_matches(section, list(RunConfig.model_fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise UserError(f"no config section {section!r}{hint} Sections: {', '.join(sections)}; top-level keys: "
+                        + ", ".join(k for k in RunConfig.model_fields if k not in sections))
+    rows: list[dict[str, Any]] = []
+
+    def add(prefix: str, model: type[BaseModel], only: str | None = None) -> None:
+        for name, f in model.model_fields.items():
+            if only is not None and name != only:
+                continue
+            if name in sections and model is RunConfig:
+                continue
+            default = f.get_default(call_default_factory=True)
+            rows.append({"key": prefix + name, "type": _type_name(f.annotation), "default": default,
+                         "allowed": _allowed(f.annotation), "description": f.description or ""})
+
+    if section is None or section not in sections:
+        add("", RunConfig, only=section)
+    for name, model in sections.items():
+        if section is None or section == name:
+            add(f"{name}.", model)
+    return rows
+
+
+def config_schema() -> dict[str, Any]:
+    """The run config as JSON Schema (for YAML editors: completion, hover text, checking)."""
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **RunConfig.model_json_schema()}
+    schema["title"] = "phi4mm-lora run config"
+    return schema

@@ -106,12 +106,16 @@ def render_learning_table(rows: list[dict[str, Any]]) -> Any:
 
 
 def evaluate_groups(cfg: RunConfig, out: Path, stage: str, limits: dict[str, int],
-                    compare: dict[str, dict] | None = None, progress: bool = True) -> dict[str, dict]:
-    """Evaluate both groups; folders ``<suffix>-<stage>`` (e.g. eval-train-before, eval-after)."""
+                    compare: dict[str, dict] | None = None, progress: bool = True,
+                    run: Path | None = None) -> dict[str, dict]:
+    """Evaluate both groups; folders ``<suffix>-<stage>`` (e.g. eval-train-before, eval-after).
+
+    ``run``: the training run folder whose adapter is evaluated (None: the untrained model).
+    """
     results = {}
     for group, split, label, suffix in GROUPS:
         results[group] = evaluate(
-            cfg, split=split, limit=limits[group], output_dir=out / f"{suffix}-{stage}",
+            cfg, run=run, split=split, limit=limits[group], output_dir=out / f"{suffix}-{stage}",
             compare=(compare or {}).get(group), name=f"{stage} training: {label}",
             compare_name=f"before training: {label}", progress=progress)
     return results
@@ -129,8 +133,7 @@ def run_demo(cfg: RunConfig, out: Path, n_held_out: int, progress: bool = True,
         "held-out utterances")
     before = evaluate_groups(cfg, out, "before", limits, progress=progress)
     result = train(cfg, evaluate_fn=None, progress=progress)
-    trained = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(result.adapter_dir)})})
-    after = evaluate_groups(trained, out, "after", limits, compare=before, progress=progress)
+    after = evaluate_groups(cfg, out, "after", limits, compare=before, progress=progress, run=result.run_dir)
     seconds = time.perf_counter() - t0
     rows = learning_rows(before, after)
     (out / "demo.json").write_text(json.dumps(json_safe({

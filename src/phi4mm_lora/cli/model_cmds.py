@@ -115,13 +115,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for k, v in d.memory.items():
         t.add_row(k, str(v))
     console.print(t)
+    console.print("[bold]facts[/] (nothing to do):")
     for n in d.notes:
-        console.print(f"note: {n}")
+        console.print(f"  - {n}")
+    if d.problems:
+        console.print(f"[bold]problems[/] ({len(d.problems)}), each with its fix:")
     for problem, fix in d.problems:
         console.print(f"[yellow]problem:[/] {problem}\n  [green]fix:[/] {fix}")
     if not d.problems:
-        console.print("no known problems detected")
+        console.print("[green]no problems found[/]: nothing to fix")
     if args.json:
         args.json.write_text(json.dumps({"versions": d.versions, "device": d.device, "bf16": d.bf16, "memory": d.memory,
-                                         "problems": [{"problem": p, "fix": f} for p, f in d.problems], "notes": d.notes}, indent=2))
+                                         "problems": [{"problem": p, "fix": f} for p, f in d.problems], "facts": d.notes,
+                                         "notes": d.notes}, indent=2))
     return 0

@@ -59,6 +59,10 @@ eval:
 """
 
 
+#: ``bench train`` variants (train.bench.VARIANTS; a test keeps both equal).
+BENCH_VARIANTS = ("baseline", "pipeline", "pipeline+gc")
+
+
 def _summary_line(summary: dict) -> str:
     keys = ("steps", "first_loss", "final_loss", "examples_per_s", "tokens_per_s", "wall_s", "peak_rss_mb")
     return ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
@@ -76,7 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from phi4mm_lora.evaluate.run import make_epoch_evaluator
 
         evaluate_fn = make_epoch_evaluator(cfg)
-    result = train(cfg, evaluate_fn=evaluate_fn, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, evaluate_fn=evaluate_fn, resume=args.resume, resume_with_changes=args.resume_with_changes,
+                   config_file=args.config, progress=not args.no_progress)
     if "loss_curve" in result.summary:  # only the main process writes (and reports) the run files
         print(f"adapter: {result.adapter_dir}")
         print(f"loss curve: {result.summary['loss_curve']}")
@@ -84,14 +89,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Print the resolved config (a UserError with all problems becomes exit 2 in main)."""
+    """Print the resolved config after the checks ``train`` runs before loading a model (a
+    UserError with all problems becomes exit 2 in main), so "config OK" means training starts."""
     import yaml
 
     from phi4mm_lora.config import load_config
+    from phi4mm_lora.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print("config OK")
+    pf = preflight(cfg, config_file=args.config, resume=args.resume, resume_with_changes=args.resume_with_changes)
+    for note in pf.notes:
+        print(f"note: {note}")
+    problems = pf.report.problems if pf.report is not None else []
+    for p in problems[:5]:
+        print(f"data: skipped {p}")
+    if len(problems) > 5:
+        print(f"data: ... and {len(problems) - 5} more skipped")
+    print(f"config OK: {len(pf.examples or [])} training examples"
+          + (f", resumes {pf.resume_from}" if pf.resume_from else ""))
     return 0
 
 
@@ -106,7 +122,7 @@ def demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from phi4mm_lora.config import load_config
-    from phi4mm_lora.demo import render_learning_table, run_demo
+    from phi4mm_lora.demo import learning_rows, render_learning_table, run_demo
 
     out = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +131,6 @@ def demo(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_file, [f"output_dir={out}", *(args.overrides or [])])
     print(f"demo: training the tiny model on the bundled corpus (APA + MDD) into {out}")
     res = run_demo(cfg, out, args.eval_limit, progress=not args.no_progress)
-    from phi4mm_lora.demo import learning_rows
-
     Console().print(render_learning_table(learning_rows(res.before, res.after)))
     print(f"summary: {out / 'demo.md'}; evaluation reports: {out / 'eval-train-after' / 'report.md'}, "
           f"{out / 'eval-after' / 'report.md'}")
@@ -125,6 +139,15 @@ def demo(args: argparse.Namespace) -> int:
     print(f"adapter: {res.adapter_dir}")
     print(f"metrics: {res.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {res.run_dir / 'tensorboard'})")
     return 0
+
+
+def _resume_flags(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    if resume:
+        p.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                       help="continue the latest complete checkpoint of output_dir, or the checkpoint/run DIR")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although settings changed that alter the data order or the schedule (batch size, "
+                   "data, seed, lr, ...); they apply from the checkpoint on. Adapter shape changes stay refused")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -139,6 +162,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "  phi4mm-lora train configs/demo.yaml train.epochs=1\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=/data/speechocean762\n"
         "  phi4mm-lora train configs/pronunciation-paper.yaml data.path=... --resume\n"
+        "  phi4mm-lora train CONFIG --resume --resume-with-changes train.epochs=5   (train a finished run further)\n"
         "  accelerate launch --num_processes 4 -m phi4mm_lora train configs/pronunciation-paper.yaml ...\n"
         "  accelerate launch --config_file configs/accelerate/fsdp.yaml -m phi4mm_lora train CONFIG ...\n"
         "  torchrun --nproc_per_node 2 -m phi4mm_lora train CONFIG model.device=cpu   (several CPU processes)\n"
@@ -146,22 +170,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("config", help="run config YAML (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.lr=1e-4 train.max_steps=10")
-    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
-                   help="continue the latest complete checkpoint of output_dir, or the checkpoint/run DIR")
+    _resume_flags(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(handler=cmd_train)
 
-    v = subparsers.add_parser("validate", help="show the resolved run config, or every problem in it (exit 2)")
+    v = subparsers.add_parser(
+        "validate", help="check a run config as train would before loading the model; every problem at once (exit 2)",
+        description="Show the resolved run config and run every check train runs before it loads the model: "
+        "config values, REQUIRED keys, output folder, model folder, data (layout and every audio file) and, "
+        "with --resume, the checkpoint. 'config OK' means training will start.",
+        epilog="Every key, with type, default and meaning: phi4mm-lora config show [SECTION]")
     v.add_argument("config", help="run config YAML")
     v.add_argument("overrides", nargs="*", metavar="key=value")
-    v.set_defaults(handler=cmd_validate)
+    v.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                   help="check the checkpoint train --resume would continue")
+    _resume_flags(v, resume=False)
+    v.set_defaults(handler=cmd_validate, light=True)
 
     b = subparsers.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bt = bsub.add_parser("train", help="training-step throughput and peak memory vs a full-logits baseline")
-    from phi4mm_lora.train.bench import add_args
-
-    add_args(bt)
+    # the arguments live here, not in train.bench: importing that module imports torch, and
+    # building the parser must stay fast (``phi4mm-lora --help`` in well under a second)
+    bt.add_argument("--layers", type=int, default=2, help="decoder layers of the benchmark model (default 2)")
+    bt.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant (default 1)")
+    bt.add_argument("--variants", default=",".join(BENCH_VARIANTS), help=f"comma list of {', '.join(BENCH_VARIANTS)}")
+    bt.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     bt.set_defaults(handler=cmd_bench_train)
 
     d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU and show what it learnt (a few minutes)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from phi4mm_lora.data.report import Problem
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import read_text
 
 AUDIO_PLACEHOLDER = "<|audio|>"
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -59,7 +60,7 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestItem], list[tuple[str 
     items: list[ManifestItem] = []
     problems: list[tuple[str | None, Problem]] = []
     seen: set[str] = set()
-    for n, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(read_text(p, "manifest").splitlines(), start=1):
         if not raw.strip():
             continue
         where = f"line {n}"

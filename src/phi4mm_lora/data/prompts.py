@@ -18,6 +18,7 @@ from pathlib import Path
 
 from phi4mm_lora.config import PromptConfig
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import read_text
 
 MARKERS = {"apa": "<|APA|>", "mdd": "<|MDD|>"}
 TEXT_PLACEHOLDER = "{text}"
@@ -45,7 +46,7 @@ def load_instruction(task: str, prompt_cfg: PromptConfig | None = None) -> str:
         path = Path(user_file).expanduser() if user_file else default_prompt_path(task)
     if not path.is_file():
         raise UserError(f"prompts.{task} file {path} not found; give an existing text file or leave it empty")
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path, "prompt file").strip()
     if not text:
         raise UserError(f"prompts.{task} file {path} is empty; write the instruction into it")
     return text

@@ -30,6 +30,7 @@ from phi4mm_lora.data.audio import load_audio, resolve_audio_path
 from phi4mm_lora.data.report import Problem
 from phi4mm_lora.data.targets import RecordError, Word, _num, parse_word
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import read_text
 
 SENTENCE_KEYS = ("accuracy", "completeness", "fluency", "prosodic", "total")
 VALIDATION_SPLIT = "validation"
@@ -113,7 +114,7 @@ def _read_table(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path, "Kaldi table").splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
             out[parts[0]] = parts[1].strip() if len(parts) > 1 else ""
@@ -137,7 +138,7 @@ def read_release(root: Path) -> SourceData:
             "(download the full release, or point data.path at the folder that contains resource/)"
         )
     try:
-        scores = json.loads(scores_path.read_text(encoding="utf-8"))
+        scores = json.loads(read_text(scores_path, "score table"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{scores_path} is not valid JSON ({exc}); re-download it") from None
     if not isinstance(scores, dict):

@@ -219,11 +219,15 @@ def generate_all(
     max_new_tokens: int = 128,
     progress: bool = True,
     on_batch: Callable[[list[Generation]], None] | None = None,
+    audio: dict[str, np.ndarray] | None = None,
 ) -> list[Generation]:
     """One :class:`Generation` per example, in input order; failures carry ``error``.
 
-    ``max_new_tokens`` caps the per-task budgets of :data:`TASK_MAX_NEW_TOKENS`.
+    ``max_new_tokens`` caps the per-task budgets of :data:`TASK_MAX_NEW_TOKENS`. ``audio``
+    holds already decoded 16 kHz samples by example id (the server decodes uploads in
+    memory); other examples are read from their ``audio_path``.
     """
+    decoded = audio or {}
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     was_training = model.training
@@ -233,17 +237,19 @@ def generate_all(
     try:
         with prog:
             for batch in plan_batches(examples, batch_size):
-                audio: dict[str, np.ndarray] = {}
+                batch_audio: dict[str, np.ndarray] = {}
                 ok: list[Example] = []
                 for ex in batch:
                     try:
-                        if ex.audio_path:
-                            audio[ex.id] = load_audio(ex.audio_path)
+                        if ex.id in decoded:
+                            batch_audio[ex.id] = decoded[ex.id]
+                        elif ex.audio_path:
+                            batch_audio[ex.id] = load_audio(ex.audio_path)
                         ok.append(ex)
                     except AudioError as exc:
                         results[ex.id] = Generation(ex.id, ex.task, error=f"audio: {exc}")
                 budget = max_tokens_for(batch[0].task, max_new_tokens)
-                gens = _run_batch(model, processor, ok, budget, audio)
+                gens = _run_batch(model, processor, ok, budget, batch_audio)
                 for g in gens:
                     results[g.id] = g
                 if on_batch is not None:

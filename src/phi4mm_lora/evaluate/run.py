@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
+from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples, bundled_corpus_path
 from phi4mm_lora.data.targets import annotated_by_position, canonical_phones
+from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
+from phi4mm_lora.fileio import check_writable_dir
+from phi4mm_lora.model.provenance import provenance, provenance_line
+from phi4mm_lora.model.run_folder import Run
 
 #: Keys of the flat dict the per-epoch evaluator returns (the trainer logs them as eval/<key>).
 EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "wer", "per", "f1", "precision", "recall")
@@ -135,29 +139,45 @@ def evaluate(
     name: str = "this run",
     progress: bool = True,
     compare_name: str | None = None,
+    run: Run | str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate on ``split`` (default ``cfg.data.eval_split``); write the report; return results.
 
     ``limit`` caps utterances (both tasks of an utterance are kept); ``compare`` is another
     run's results.json, its run folder, or the loaded dict, shown side by side with deltas.
-    Output (``output_dir``, default ``cfg.output_dir``): predictions.jsonl, results.json
+    Output (``output_dir``, default a new ``<cfg.output_dir>/eval/<split>-<time>/``): predictions.jsonl, results.json
     (exactly ``compute_all(predictions)``), report.md, PNG plots, config.yaml and run.json
     (model, adapter, timing, failures). The returned dict is results.json plus ``meta``
-    (run.json's content).
+    (run.json's content), whose ``provenance`` says which model, adapter and precision ran.
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`) whose
+    adapter is evaluated on its own base model (see :meth:`Run.configure`).
     """
+    if run is not None:
+        run = Run.open(run)
+        cfg = run.configure(cfg)
+        name = run.name if name == "this run" else name
     split = split or cfg.data.eval_split
     if limit is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": limit})})
-    out = Path(output_dir or cfg.output_dir).expanduser()
+    out = Path(output_dir).expanduser() if output_dir else fresh_eval_dir(cfg.output_dir, split)
     baseline = compare if isinstance(compare, dict) or compare is None else load_results(Path(compare))
+    # cheap checks first: the data and the output folder, before the model loads
+    check_writable_dir(out, "output folder")
+    examples, data_report = build_examples(cfg.data, cfg.prompts, split, seed=cfg.seed)
+    if not examples:  # an empty table with exit 0 would read as "evaluated, all fine"
+        first = f"; first: {data_report.problems[0]}" if data_report.problems else ""
+        raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
+                        f"({data_report.n_problems} skipped{first}); fix the data or pick another --split")
     loaded = _load(cfg, loaded)
-    examples, data_report = build_examples(cfg.data, cfg.prompts, split,
-                                           audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:
+        examples, data_report = build_examples(cfg.data, cfg.prompts, split,
+                                               audio_token=loaded.processor.audio_token, seed=cfg.seed)
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
     results = compute_all(records)
     meta = {
+        "provenance": provenance(loaded, cfg),
         "model": str(getattr(loaded, "path", cfg.model.path)),
         "adapter": cfg.adapter.init_from,
         "adapter_mode": cfg.adapter.mode,
@@ -179,6 +199,16 @@ def evaluate(
     return {**results, "meta": meta}
 
 
+def fresh_eval_dir(run_dir: str | Path, split: str) -> Path:
+    """``RUN/eval/<split>-<time>/``, a folder no earlier evaluation used (suffix -2, -3 ... when
+    two start in the same second), so evaluations of a run sit with it and never overwrite."""
+    base = Path(run_dir).expanduser() / "eval" / f"{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 2
+    while out.exists():
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
+
+
 def _run_section(meta: dict[str, Any]) -> list[str]:
     """What ran, how fast, and what could not be evaluated (appended to report.md)."""
     budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
@@ -186,6 +216,7 @@ def _run_section(meta: dict[str, Any]) -> list[str]:
         "## Run",
         "",
         f"- model: `{meta['model']}`; adapter: `{meta['adapter'] or 'the checkpoint'}` ({meta['adapter_mode']} mode)",
+        *([f"- produced by: {provenance_line(meta['provenance'])}"] if meta.get("provenance") else []),
         f"- data: `{meta['data']}` split `{meta['split']}`: {meta['utterances']} utterances, "
         f"{meta['examples']} examples",
         f"- generation: {meta['generation_seconds']} s, {meta['examples_per_second']} examples/s, "
@@ -234,7 +265,8 @@ class EpochEvaluator:
     """Callable for the trainer's ``evaluate_fn(model, processor, epoch) -> dict``.
 
     Scores a fixed subset of ``cfg.eval.subset`` utterances of the eval split, writes
-    ``<output_dir>/eval/epoch-<n>/`` (predictions, results, report) and returns the main
+    ``<output_dir>/eval/epoch-<n>/`` (``eval/step-<n>/`` for a mid-epoch call with ``step=``;
+    predictions, results, report, compared with the previous evaluation) and returns the main
     metrics flat (``total_pcc``, ``per``, ``wer``, ``f1``..., ``parse_failures``), which the
     trainer logs as ``eval/<key>``. ``evaluator(epoch)`` alone works when a loaded model
     was given.
@@ -243,7 +275,7 @@ class EpochEvaluator:
     def __init__(self, cfg: RunConfig, loaded: Any | None = None, progress: bool = False) -> None:
         self.cfg, self.loaded, self.progress = cfg, loaded, progress
         self._examples: list[Example] | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[tuple[str, dict[str, Any]]] = []  # (label, results) per call
 
     def examples(self, audio_token: str) -> list[Example]:
         if self._examples is None:
@@ -252,7 +284,7 @@ class EpochEvaluator:
             self._examples = subset_utterances(all_ex, self.cfg.eval.subset, self.cfg.seed)
         return self._examples
 
-    def __call__(self, *args: Any) -> dict[str, Any]:
+    def __call__(self, *args: Any, step: int | None = None) -> dict[str, Any]:
         if len(args) == 1:
             if self.loaded is None:
                 raise TypeError("evaluator(epoch) needs a loaded model; call evaluator(model, processor, epoch)")
@@ -262,12 +294,13 @@ class EpochEvaluator:
         examples = self.examples(processor.audio_token)
         records, timing = predict(self.cfg, model, processor, examples, self.progress)
         results = compute_all(records)
-        out = Path(self.cfg.output_dir).expanduser() / "eval" / f"epoch-{epoch}"
+        label = f"step {step}" if step is not None else f"epoch {epoch}"
+        out = Path(self.cfg.output_dir).expanduser() / "eval" / label.replace(" ", "-")
         save_predictions(records, out / "predictions.jsonl")
         previous = self.history[-1] if self.history else None
-        write_report(results, records, out, compare=previous,
-                     compare_name=f"epoch {epoch - 1}", name=f"epoch {epoch}")
-        self.history.append(results)
+        write_report(results, records, out, compare=previous[1] if previous else None,
+                     compare_name=previous[0] if previous else "previous", name=label)
+        self.history.append((label, results))
         return flat_metrics(results)
 
 

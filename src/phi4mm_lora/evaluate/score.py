@@ -14,17 +14,24 @@ and the parse error is reported next to the raw answer.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from phi4mm_lora.config import RunConfig
-from phi4mm_lora.data.audio import load_audio
+from phi4mm_lora.data.audio import TARGET_SR, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import canonical_words, feedback_from_answer
 from phi4mm_lora.evaluate.generate import Generation, generate_all
 from phi4mm_lora.evaluate.parse import APA_KEYS, parse_apa
+from phi4mm_lora.model.provenance import provenance
+from phi4mm_lora.model.run_folder import Run
 
 TASKS = ("apa", "mdd")
 
@@ -59,11 +66,43 @@ def score_examples(cfg: RunConfig, paths: list[Path], text: str, audio_token: st
     return examples
 
 
+def rubric_bands(instruction: str) -> dict[str, list[tuple[int, int, str]]]:
+    """Score bands per aspect from an APA instruction's rubric: ``{"accuracy": [(9, 10, "..."), ...]}``.
+
+    The rubric is the text the model was trained with (``prompts/apa.txt`` or the user's
+    ``prompts.apa``), so a score is explained in the words that defined it. An aspect is a line
+    ``Accuracy ...:``; its bands are the lines ``  9-10: meaning`` that follow. An aspect with a
+    one-line definition (``Total: ...``) gets that line for every score.
+    """
+    bands: dict[str, list[tuple[int, int, str]]] = {}
+    aspect = None
+    for line in instruction.splitlines():
+        head = re.match(r"^(accuracy|fluency|prosodic|total)\b[^:]*:\s*(.*)$", line.strip(), re.IGNORECASE)
+        band = re.match(r"^\s+(\d+)\s*(?:-\s*(\d+))?\s*:\s*(.+)$", line)
+        if head and not line.startswith((" ", "\t")):
+            aspect = head[1].lower()
+            bands[aspect] = [(0, 10, head[2].strip())] if head[2].strip() else []
+        elif band and aspect is not None:
+            lo = int(band[1])
+            bands[aspect].append((lo, int(band[2] or lo), band[3].strip()))
+    return bands
+
+
+def score_meaning(bands: dict[str, list[tuple[int, int, str]]], aspect: str, value: int | None) -> str | None:
+    """The rubric's line for ``value`` of ``aspect`` (the narrowest band that holds it)."""
+    if value is None:
+        return None
+    fits = [b for b in bands.get(aspect, []) if b[0] <= value <= b[1]]
+    return min(fits, key=lambda b: b[1] - b[0])[2] if fits else None
+
+
 def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
-             errors: dict[str, str | None] | None = None) -> dict[str, Any]:
+             errors: dict[str, str | None] | None = None, rubric: str | None = None) -> dict[str, Any]:
     """The score command's result for one recording, from the two raw answers.
 
-    Kept separate from generation so the formatting can be tested with given answers.
+    ``rubric``: the APA instruction text whose score bands explain each score (default: the
+    project's ``prompts/apa.txt``). Kept separate from generation so the formatting can be
+    tested with given answers.
     """
     errors = errors or {}
     apa = parse_apa(apa_raw)
@@ -85,6 +124,8 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
         "mispronunciations": None,
         "phone_error_rate": None,
     }
+    bands = rubric_bands(rubric if rubric is not None else load_instruction("apa"))
+    out["meaning"] = {k: score_meaning(bands, k, scores[k]) for k in APA_KEYS}
     if report is not None:
         d = report.to_dict()
         out["mispronunciations"] = d["issues"]
@@ -95,56 +136,158 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
 
 
 def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
-          progress: bool = False) -> list[dict[str, Any]]:
-    """Score each recording against ``text``; one :func:`feedback` dict per recording."""
+          progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
+    """Score each recording against ``text``; one :func:`feedback` dict per recording.
+
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`): its adapter
+    on its own base model. Each dict carries ``provenance`` (model, adapter, precision, version).
+    """
     paths = check_inputs(audio_paths, text)
     assert text is not None
+    if run is not None:
+        cfg = Run.open(run).configure(cfg)
     if loaded is None:
         from phi4mm_lora.model.load import load_model
 
         loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
     examples = score_examples(cfg, paths, text.strip(), loaded.processor.audio_token)
+    rubric = load_instruction("apa", cfg.prompts)
     gens: dict[str, Generation] = {
         g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
                                       max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
     }
+    prov = provenance(loaded, cfg)
     out = []
     for n, p in enumerate(paths):
         apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
-        out.append(feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}))
+        out.append({**feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error},
+                             rubric),
+                    "provenance": prov})
     return out
 
 
+def _marked_words(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Per word of the sentence: (word, its phones with the wrong ones marked, what went wrong).
+
+    ``EH->IH``: expected EH, heard IH; ``-EH``: EH not said; ``+IH``: IH said in addition.
+    """
+    issues: dict[int, list[dict[str, Any]]] = {}
+    for it in result["mispronunciations"] or []:
+        issues.setdefault(it["word_index"], []).append(it)
+    rows = []
+    for wi, e in enumerate(result["expected"]):
+        if e["phones"] is None:
+            rows.append((e["word"], "(not in CMUdict)", "not checked"))
+            continue
+        marked = list(e["phones"])
+        notes, inserted = [], {}
+        for it in issues.get(wi, []):
+            pos = it["position"]
+            if it["kind"] == "insertion":
+                inserted.setdefault(pos, []).append(f"[red]+{it['heard']}[/]")
+                notes.append(f"extra {it['heard']}")
+            elif it["kind"] == "deletion":
+                marked[pos] = f"[red]-{it['expected']}[/]"
+                notes.append(f"{it['expected']} missing")
+            else:
+                marked[pos] = f"[red]{it['expected']}->{it['heard']}[/]"
+                notes.append(f"{it['expected']} heard as {it['heard']}")
+        phones = []
+        for pos, ph in enumerate(marked):
+            phones += inserted.get(pos, []) + [ph]
+        phones += inserted.get(len(marked), [])
+        rows.append((e["word"], " ".join(phones), "; ".join(notes) or "ok"))
+    return rows
+
+
 def render(result: dict[str, Any]) -> list[Any]:
-    """Rich renderables for one recording: scores, transcripts, mispronounced phones."""
+    """Rich renderables for one recording, as a teacher reads them: each score out of 10 with
+    the rubric's meaning, then the sentence word by word with the wrong phones marked."""
+    from rich.markup import escape
     from rich.table import Table
 
-    head = Table(title=f"{result['audio']}", show_header=True)
-    for col in ("accuracy", "fluency", "prosodic", "total"):
-        head.add_column(col, justify="right")
-    head.add_row(*("-" if result["scores"][k] is None else str(result["scores"][k]) for k in APA_KEYS))
-    tx = Table(show_header=False, title="transcripts")
+    parts: list[Any] = [f"[bold]{escape(result['audio'])}[/]: \"{escape(result['text'])}\""]
+    head = Table(show_header=True, box=None, pad_edge=False)
+    for col in ("aspect", "score", "meaning (from the rubric)"):
+        head.add_column(col, justify="right" if col == "score" else "left")
+    meaning = result.get("meaning") or {}
+    for k in APA_KEYS:
+        v = result["scores"][k]
+        head.add_row(k, "-" if v is None else f"{v}/10", escape(meaning.get(k) or ("no score" if v is None else "")))
+    parts.append(head)
     if result["apa_error"]:
-        tx.add_row("APA answer", f"not parsed: {result['apa_error']} (raw: {result['apa_raw'][:80]!r})")
-    tx.add_row("sentence", result["text"])
-    tx.add_row("words heard", result["word_transcript"] or "-")
-    tx.add_row("phones heard", result["phoneme_transcript"] or "-")
-    expected = " | ".join(f"{e['word']}: {' '.join(e['phones']) if e['phones'] else '(not in CMUdict)'}"
-                          for e in result["expected"])
-    tx.add_row("phones expected", expected)
-    if result["mdd_error"]:
-        tx.add_row("MDD answer", f"not parsed: {result['mdd_error']} (raw: {result['mdd_raw'][:80]!r})")
-    parts: list[Any] = [head, tx]
+        parts.append(f"[yellow]scores not parsed:[/] {escape(result['apa_error'])} "
+                     f"(raw: {escape(repr(result['apa_raw'][:80]))})")
     issues = result["mispronunciations"]
-    if issues is not None:
-        t = Table(title="mispronounced phones")
-        for col in ("word", "phone #", "kind", "expected", "heard"):
-            t.add_column(col)
-        for it in issues:
-            t.add_row(it["word"], str(it["position"] + 1), it["kind"], it["expected"] or "-", it["heard"] or "-")
-        per = result["phone_error_rate"]
-        t.caption = f"{len(issues)} issue(s)" + (f", phone error rate {per:.1%}" if per is not None else "")
-        parts.append(t)
+    if result["mdd_error"]:
+        parts.append(f"[yellow]phones not parsed:[/] {escape(result['mdd_error'])} "
+                     f"(raw: {escape(repr(result['mdd_raw'][:80]))})")
+        expected = " | ".join(f"{e['word']}: {' '.join(e['phones']) if e['phones'] else '(not in CMUdict)'}"
+                              for e in result["expected"])
+        parts.append(f"phones expected: {escape(expected)}")
+    elif issues is not None:
+        parts.append(f"words heard: {escape(result['word_transcript'] or '-')}")
+        if not issues:
+            checked = "" if not result["oov"] else " (in the words that could be checked)"
+            parts.append(f"[green]no mispronunciations detected[/]{checked}")
+        else:
+            t = Table(show_header=True, box=None, pad_edge=False,
+                      title=f"{len(issues)} mispronounced phone(s)"
+                      + (f", phone error rate {result['phone_error_rate']:.0%}" if result["phone_error_rate"] is not None
+                         else ""))
+            for col in ("word", "phones (expected->heard)", "what went wrong"):
+                t.add_column(col)
+            for word, phones, note in _marked_words(result):
+                t.add_row(escape(word), phones, note)
+            parts.append(t)
     if result["oov"]:
-        parts.append(f"[yellow]not in CMUdict (not checked):[/] {', '.join(result['oov'])}")
+        parts.append(f"[yellow]not in CMUdict (not checked):[/] {escape(', '.join(result['oov']))}")
     return parts
+
+
+@dataclass
+class ScoreItem:
+    """One recording to score in a batch: a name for the output, its sentence, its audio.
+
+    ``samples`` are already decoded 16 kHz mono samples (an upload); when None, ``audio`` is a
+    file path read by the generator.
+    """
+
+    audio: str
+    text: str
+    samples: np.ndarray | None = None
+
+
+def score_batch(cfg: RunConfig, loaded: Any, items: Sequence[ScoreItem],
+                progress: bool = False) -> list[dict[str, Any]]:
+    """Score recordings that each read their own sentence, in one batched generation.
+
+    The entry point of the HTTP service and of batch scoring: the same prompts and
+    :func:`feedback` as :func:`score`, one dict per item in order. An item whose audio or
+    generation failed is not an exception: its dict names the failure in ``error``. Each row's
+    answer does not depend on what else is in the batch (see :mod:`~phi4mm_lora.evaluate.generate`).
+    """
+    examples: list[Example] = []
+    decoded: dict[str, np.ndarray] = {}
+    for n, it in enumerate(items):
+        for task in TASKS:
+            prompt = user_prompt(task, load_instruction(task, cfg.prompts), loaded.processor.audio_token, it.text)
+            ex_id = f"{n}:{task}"
+            duration = len(it.samples) / TARGET_SR if it.samples is not None else None
+            examples.append(Example(id=ex_id, utt_id=str(n), task=task, audio_path=it.audio, image_path=None,
+                                    prompt=prompt, answer="", split="score", speaker=None, duration=duration))
+            if it.samples is not None:
+                decoded[ex_id] = it.samples
+    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+                                          max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
+    from phi4mm_lora.model.provenance import provenance
+
+    prov = provenance(loaded, cfg)
+    rubric = load_instruction("apa", cfg.prompts)
+    out = []
+    for n, it in enumerate(items):
+        apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
+        res = feedback(it.audio, it.text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}, rubric)
+        res.update(error=apa.error or mdd.error, provenance=prov)
+        out.append(res)
+    return out

@@ -89,7 +89,13 @@ def read_peft_folder(folder: Path) -> Pretrained:
     cfg_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights_file.is_file():
         raise UserError(f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    cfg = LoraConfig.from_pretrained(str(folder))
+    from phi4mm_lora.fileio import safetensors_header
+
+    safetensors_header(weights_file, "adapter weights")
+    try:
+        cfg = LoraConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{cfg_file} is not a valid adapter config ({str(exc)[:160]}); the adapter is damaged") from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(weights_file)).items():
         m = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$", key)
@@ -99,7 +105,12 @@ def read_peft_folder(folder: Path) -> Pretrained:
 
 
 def _load_weights(peft: PeftModel, name: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-    result = set_peft_model_state_dict(peft, _state_for_peft(weights), adapter_name=name)
+    try:
+        result = set_peft_model_state_dict(peft, _state_for_peft(weights), adapter_name=name)
+    except RuntimeError as exc:  # "size mismatch for ...": another base model or another rank
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise UserError(f"adapter {name!r} does not fit this model ({first[:200]}); it was trained on another base "
+                        "model or with another adapter.r/target_modules") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise UserError(f"adapter {name!r}: {len(unexpected)} tensors fit no module (e.g. {unexpected[0]})")
@@ -118,7 +129,8 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     if cfg.mode in ("fresh", "stacked"):
         target = resolve_targets(model, cfg.target_modules, cfg.include_towers)
         fresh_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target, bias="none")
-    if cfg.mode == "fresh" and base in pretrained:
+    # with init_from the fresh adapter is a trained one (evaluate/score --adapter RUN): nothing is lost
+    if cfg.mode == "fresh" and base in pretrained and not cfg.init_from:
         notes.append(
             f"pretrained {base!r} adapter discarded: a fresh r={cfg.r} adapter replaces it, so the model's "
             f"{'audio' if base == 'speech' else 'image'} understanding is lost until it is retrained"
@@ -139,10 +151,15 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     peft: PeftModel | None = None
     for name, lcfg, weights in order:
         lcfg = LoraConfig(**{**lcfg.to_dict(), "inference_mode": False})
-        if peft is None:
-            peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
-        else:
-            peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
+        with warnings.catch_warnings():
+            # PEFT warns on every load when lm_head (tied to the embeddings) is a LoRA target.
+            # Training and generation are unaffected: the LoRA delta is a separate module and the
+            # tied matrix stays frozen; only merging changes both (see merge_and_save).
+            warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*ensure_weight_tying")
+            if peft is None:
+                peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
+            else:
+                peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
         if weights is not None:
             _load_weights(peft, name, weights)
     assert peft is not None
@@ -191,7 +208,15 @@ def extra_trainable_state(peft: PeftModel, state: AdapterState) -> dict[str, tor
 
 def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Only what trained: the adapter in standard PEFT format, plus unfrozen modules if any.
+    """Only what trained, as a standard PEFT adapter folder that plain PEFT loads completely.
+
+    Unfrozen modules (``adapter.trainable: unfreeze|vision``) are saved the way PEFT saves
+    ``modules_to_save``: listed in ``adapter_config.json`` and stored in
+    ``adapter_model.safetensors`` as ``base_model.model.<module>.<param>``. So
+    ``PeftModel.from_pretrained(base, folder)`` (and the Hub, vLLM's PEFT loader, transformers'
+    ``load_adapter``) applies them, instead of silently running the model without them. Only
+    when the trained tensors are not whole modules (which PEFT cannot express) do they go to
+    ``trainable_modules.safetensors``, with a warning that plain PEFT will ignore them.
 
     ``state_dict``: full tensors gathered beforehand (FSDP/DeepSpeed shard the live parameters,
     see :func:`phi4mm_lora.train.distributed.gather_trained`); by default the live parameters.
@@ -213,29 +238,110 @@ def save_trained(peft: PeftModel, state: AdapterState, out_dir: Path,
         extra = {k.replace("base_model.model.", "", 1): v.detach().to("cpu").contiguous()
                  for k, v in state_dict.items() if ".lora_" not in k}
     if extra:
-        save_file(extra, str(out_dir / EXTRA_FILE), metadata={"format": "pt"})
+        modules = modules_to_save_for(peft.base_model.model, set(extra))
+        if modules is None:
+            save_file(extra, str(out_dir / EXTRA_FILE), metadata={"format": "pt"})
+            warnings.warn(f"{len(extra)} unfrozen tensors are not whole modules, so PEFT cannot carry them: they are in "
+                          f"{out_dir / EXTRA_FILE}, which plain PeftModel.from_pretrained ignores; export with "
+                          "`phi4mm-lora export RUN --format merged` to share this model", stacklevel=2)
+        else:
+            # PEFT loads a module's whole state dict: its persistent buffers (feature
+            # normalisation of the audio encoder) go with the trained parameters
+            # (named_buffers, not state_dict(): under FSDP that would be a collective on one process)
+            inner = peft.base_model.model
+            for m in modules:
+                mod = inner.get_submodule(m)
+                for k, v in mod.named_buffers():
+                    owner, _, leaf = k.rpartition(".")
+                    if leaf not in mod.get_submodule(owner)._non_persistent_buffers_set:  # fp32 like the master weights
+                        extra.setdefault(f"{m}.{k}", v.detach().to("cpu", torch.float32 if v.is_floating_point()
+                                                                    else v.dtype).contiguous())
+            _add_modules_to_save(out_dir, extra, modules)
     return out_dir
 
 
+def modules_to_save_for(model: torch.nn.Module, trained: set[str]) -> list[str] | None:
+    """The fewest whole modules whose parameters are exactly ``trained`` (None if there are none).
+
+    A module qualifies when every parameter below it trained (so it holds no frozen LoRA base
+    layer and no untrained part); each trained tensor is covered by its highest qualifying
+    ancestor. A tensor whose own module does not qualify (a bare parameter next to frozen ones)
+    makes the set inexpressible as PEFT ``modules_to_save``.
+    """
+    total: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            total[prefix] = total.get(prefix, 0) + 1
+            if name in trained:
+                hits[prefix] = hits.get(prefix, 0) + 1
+    chosen: set[str] = set()
+    for name in trained:
+        parts = name.split(".")
+        whole = [".".join(parts[:i]) for i in range(1, len(parts))
+                 if hits.get(".".join(parts[:i])) == total.get(".".join(parts[:i]))]
+        if not whole or whole[-1] != ".".join(parts[:-1]):
+            return None  # the parameter's own module also holds frozen tensors
+        chosen.add(whole[0])
+    return sorted(chosen)
+
+
+def _add_modules_to_save(folder: Path, extra: dict[str, torch.Tensor], modules: list[str]) -> None:
+    """Put unfrozen tensors into the adapter file in PEFT's ``modules_to_save`` format."""
+    import json
+
+    weights_file, cfg_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    tensors = dict(load_file(str(weights_file)))
+    tensors.update({f"base_model.model.{k}": v.contiguous() for k, v in extra.items()})
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    cfg = json.loads(cfg_file.read_text())
+    cfg["modules_to_save"] = modules
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def load_extra_modules(peft: PeftModel, folder: Path) -> int:
-    """Load unfrozen-module weights saved next to an adapter; returns how many tensors."""
+    """Load unfrozen-module weights saved with an adapter; returns how many tensors.
+
+    Reads PEFT's ``modules_to_save`` tensors from ``adapter_model.safetensors`` (the non-LoRA
+    keys) and, for runs saved before that format, ``trainable_modules.safetensors``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    weights_file = folder / "adapter_model.safetensors"
+    if weights_file.is_file():
+        tensors.update({k.replace("base_model.model.", "", 1): v for k, v in load_file(str(weights_file)).items()
+                        if ".lora_" not in k})
     f = folder / EXTRA_FILE
-    if not f.is_file():
+    if f.is_file():
+        from phi4mm_lora.fileio import safetensors_header
+
+        safetensors_header(f, "trained-module weights")
+        tensors.update(load_file(str(f)))
+    if not tensors:
         return 0
-    tensors = load_file(str(f))
     target = peft.base_model.model
-    missing = [k for k in tensors if k not in dict(target.named_parameters())]
+    params = {**dict(target.named_buffers()), **dict(target.named_parameters())}
+    missing = [k for k in tensors if k not in params]
     if missing:
-        raise UserError(f"{f}: {len(missing)} tensors fit no module (e.g. {missing[0]})")
+        raise UserError(f"{folder}: {len(missing)} unfrozen-module tensors fit no module (e.g. {missing[0]})")
+    wrong = [k for k, t in tensors.items() if tuple(t.shape) != tuple(params[k].shape)]
+    if wrong:
+        raise UserError(f"{folder}: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the model's is "
+                        f"{tuple(params[wrong[0]].shape)}; it was trained on another base model")
     with torch.no_grad():
-        params = dict(target.named_parameters())
         for k, t in tensors.items():
             params[k].copy_(t.to(params[k].dtype))
     return len(tensors)
 
 
 def merge_and_save(peft: PeftModel, state: AdapterState, out_dir: Path, processor=None) -> Path:
-    """Merge the active adapter(s) into the base weights and save a plain transformers model."""
+    """Merge the active adapter(s) into the base weights and save a plain transformers model.
+
+    A LoRA on ``lm_head`` merges into the matrix ``lm_head`` shares with the input embeddings
+    (Phi-4 ties them), so the merged model's embeddings change too; keep such adapters unmerged
+    where the input side must stay exactly the base model's.
+    """
     merged = peft.merge_and_unload(adapter_names=state.active)
     merged.save_pretrained(str(out_dir))
     if processor is not None:
@@ -261,4 +367,6 @@ __all__ = [
     "merge_and_save",
     "read_peft_folder",
     "lora_tensor_names",
+    "load_extra_modules",
+    "modules_to_save_for",
 ]

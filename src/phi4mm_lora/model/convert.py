@@ -224,7 +224,7 @@ def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[s
 def safetensor_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UserError(f"{folder} holds no *.safetensors weights; point --model at a checkpoint folder")
+        raise UserError(f"{folder} holds no *.safetensors weights; point model.path at a checkpoint folder")
     return files
 
 

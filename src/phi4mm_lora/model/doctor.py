@@ -24,8 +24,8 @@ class Diagnosis:
     device: str
     bf16: bool
     memory: dict[str, float]
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (problem, fix)
-    notes: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (problem, fix): something to act on
+    notes: list[str] = field(default_factory=list)  # facts about this machine: nothing to do
 
 
 def _version(pkg: str) -> str | None:
@@ -62,12 +62,12 @@ def diagnose() -> Diagnosis:
     tf = versions.get("transformers") or "0"
     major_minor = tuple(int(x) for x in tf.split(".")[:2] if x.isdigit())
     if major_minor >= (4, 50):
-        d.problems.append((
-            f"transformers {tf}: Microsoft's remote code (loaded with trust_remote_code) fails with "
-            "\"'Phi4MMModel' object has no attribute 'prepare_inputs_for_generation'\"",
-            "phi4mm-lora never runs remote code: it loads the native classes and converts the official "
-            "layout in memory (or once with `phi4mm-lora convert SRC DST`). Nothing to do unless you call remote code yourself.",
-        ))
+        # a fact, not a problem: nothing here runs remote code, so there is nothing to fix
+        d.notes.append(
+            f"transformers {tf}: Microsoft's remote code (trust_remote_code) fails with \"'Phi4MMModel' object has "
+            "no attribute 'prepare_inputs_for_generation'\"; phi4mm-lora never runs it (native classes; the "
+            "official layout is converted in memory, or once with `phi4mm-lora convert SRC DST`)"
+        )
     if versions.get("torchcodec"):
         try:
             importlib.import_module("torchcodec.decoders")

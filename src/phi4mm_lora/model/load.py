@@ -18,6 +18,7 @@ from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
 
 from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import check_weight_files
 from phi4mm_lora.model import convert
 from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters, read_peft_folder
 from phi4mm_lora.model.precision import (
@@ -55,7 +56,7 @@ def resolve_path(model_cfg: ModelConfig) -> Path:
     p = Path(model_cfg.path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise UserError(f"--model {p} is a file; pass the checkpoint folder that holds config.json")
+            raise UserError(f"model path {p} is a file; pass the checkpoint folder that holds config.json")
         return p
     if HUB_ID.match(model_cfg.path) and not model_cfg.path.startswith((".", "/")):
         return _snapshot(model_cfg.path, model_cfg.revision or NATIVE_REVISION)
@@ -70,7 +71,7 @@ def _snapshot(repo_id: str, revision: str) -> Path:
     except Exception as exc:  # network, auth, missing revision
         raise UserError(
             f"could not fetch {repo_id}@{revision} from the hub ({type(exc).__name__}: {str(exc)[:200]}); "
-            "download it elsewhere and pass the local folder with --model"
+            "download it elsewhere and set model.path to the local folder (model.path=DIR)"
         ) from None
 
 
@@ -133,7 +134,12 @@ def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: Adapt
         kwargs["device_map"] = {"": plan.device}
     elif plan.device.type != "cpu":
         kwargs["device_map"] = {"": plan.device}
-    model = Phi4MultimodalForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    check_weight_files(folder)
+    try:
+        model = Phi4MultimodalForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(f"{folder}: cannot load the weights: {_weights_mismatch(folder, config) or str(exc)[:200]}; "
+                        "config.json and the *.safetensors files must come from the same checkpoint") from None
     pretrained = {}
     for name in ("speech", "vision"):
         sub = folder / f"{name}-lora"
@@ -142,6 +148,20 @@ def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: Adapt
             convert.check_adapter_nonzero(name, w)
             pretrained[name] = (cfg, w)
     return model.eval(), pretrained, planned
+
+
+def _weights_mismatch(folder: Path, config) -> str | None:
+    """One tensor whose stored shape differs from what config.json builds (headers only)."""
+    from phi4mm_lora.fileio import safetensors_header
+
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in Phi4MultimodalForCausalLM(config).state_dict().items()}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, meta in safetensors_header(f).items():
+            want = expected.get(name)
+            if want is not None and tuple(meta["shape"]) != want:
+                return f"{name} is {tuple(meta['shape'])} in {f.name} but config.json makes it {want}"
+    return None
 
 
 def _materialise_buffers(model: torch.nn.Module, config) -> None:

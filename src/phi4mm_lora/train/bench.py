@@ -170,13 +170,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=int, default=2, help="decoder layers of the benchmark model (default 2)")
-    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant (default 1)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     from phi4mm_lora.errors import UserError
 

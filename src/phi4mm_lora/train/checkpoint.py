@@ -10,33 +10,48 @@ A checkpoint folder ``<run>/checkpoints/step-00000012/`` holds
   one keyed by parameter name (gathered by :mod:`phi4mm_lora.train.distributed`); under
   DeepSpeed it is ``None`` and the engine's own files are in ``deepspeed/``;
 * ``rng-rank<N>.pt`` - python/numpy/torch (and CUDA) RNG state of every process;
-* ``COMPLETE`` - written last.
+* ``COMPLETE`` - written last: JSON listing every other file of the folder with its size.
 
 Everything is written into ``.tmp-step-...``, each file fsynced, ``COMPLETE`` written and
-fsynced, then the folder is renamed into place (an atomic rename on POSIX). A crash at any
-moment leaves either no folder or a folder with ``COMPLETE``; :func:`latest_checkpoint`
-ignores anything else, so resume never picks a half-written checkpoint.
+fsynced, then the folder is renamed into place (an atomic rename on POSIX). Pruning is the
+same in reverse: the doomed folder is first renamed to ``.del-step-...`` (atomic), then
+deleted. A crash at any moment leaves either no folder or a folder whose files match its
+marker; :func:`is_complete` checks names and sizes, so a folder that lost files (a crash
+while deleting a checkpoint written by an older version, a disk error) is never taken for
+complete and resume never picks it.
+
+Checkpoints written before the marker listed its files hold ``ok`` only. They still load:
+such a folder counts as complete when the files every checkpoint has are present and not
+empty (``training_state.pt``, ``adapter/adapter_model.safetensors``,
+``adapter/adapter_config.json``, ``rng-rank0.pt``) - exactly what an interrupted delete
+removed in the cases that were seen.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.fileio import free_mb, is_disk_full, marker_problem, tree_mb
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: What every checkpoint holds; how a marker without a file list (older versions) is checked.
+LEGACY_REQUIRED = (STATE_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors", f"{ADAPTER_DIR}/adapter_config.json",
+                   "rng-rank0.pt")
+#: Prefixes of folders that are never checkpoints: being written, being replaced, being deleted.
+_TRANSIENT = (".tmp-", ".old-", ".del-")
 
 
 def checkpoint_name(step: int) -> str:
@@ -76,7 +91,7 @@ def finish_atomic_dir(tmp: Path, final: Path) -> Path:
     """fsync contents, write the marker last, rename into place."""
     _fsync_tree(tmp)
     marker = tmp / MARKER
-    marker.write_text("ok\n")
+    marker.write_text(json.dumps({"files": _file_sizes(tmp)}, indent=0, sort_keys=True) + "\n")
     _fsync_file(marker)
     _fsync_file(tmp)
     if final.exists():  # re-saving the same step after a resume: replace the old copy
@@ -103,8 +118,48 @@ def write_atomic_dir(final: Path, write: Callable[[Path], Any]) -> Path:
     return finish_atomic_dir(tmp, final)
 
 
+def estimate_mb(previous: Path | None, n_trainable: int) -> float:
+    """Size of the next checkpoint: the previous one's, or fp32 weights + two AdamW moments."""
+    if previous is not None and previous.is_dir():
+        return tree_mb(previous)
+    return n_trainable * 4 * 3 / 2**20 + 1
+
+
+def _intact(previous: Path | None) -> str:
+    return f"{previous.name} is intact" if previous is not None else "no checkpoint was saved yet"
+
+
+def ensure_space(final: Path, previous: Path | None, n_trainable: int) -> None:
+    """Refuse early, with numbers, when the next checkpoint cannot fit (10% margin)."""
+    need, free = estimate_mb(previous, n_trainable) * 1.1, free_mb(final.parent)
+    if free < need:
+        raise UserError(f"disk full: not enough space for checkpoint {final.name} in {final.parent} (needs about "
+                        f"{need:.0f} MB, {free:.0f} MB free); {_intact(previous)}. Free some space, then resume "
+                        "with --resume")
+
+
+@contextmanager
+def disk_full_guard(final: Path, previous: Path | None, n_trainable: int):
+    """A full disk while writing ``final`` (any of its disguises) becomes one line; the
+    half-written temp folder is removed so the space is given back."""
+    try:
+        yield
+    except Exception as exc:  # OSError 28, torch's 'unexpected pos', SafetensorError
+        # torch.save reports ENOSPC in several words ("unexpected pos", "iostream error"): an
+        # error while the disk has less room than the checkpoint needs is taken for what it is
+        if not (is_disk_full(exc) or free_mb(final.parent) < estimate_mb(previous, n_trainable)):
+            raise
+        shutil.rmtree(temp_dir_for(final), ignore_errors=True)
+        raise UserError(f"disk full while writing {final.parent.name}/{final.name} (needs about "
+                        f"{estimate_mb(previous, n_trainable):.0f} MB, {free_mb(final.parent):.0f} MB free); "
+                        f"{_intact(previous)}. Free some space, then resume with --resume") from None
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop draws from (dropout, shuffling in user code)."""
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -112,6 +167,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -120,6 +178,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_rng(folder: Path, rank: int) -> None:
+    import torch
+
     torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
 
 
@@ -128,11 +188,41 @@ def load_rng(folder: Path, rank: int) -> None:
     if not f.is_file():
         raise UserError(f"checkpoint {folder} has no RNG state for process {rank} "
                         "(resume with the same number of processes it was saved with)")
+    import torch
+
     set_rng_state(torch.load(f, weights_only=False))
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != MARKER}
+
+
+def incomplete_reason(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint/adapter folder, or None when it is.
+
+    Complete means: the marker exists and every file it lists is there with the listed size.
+    A marker without a list (written by earlier versions) is accepted for a ``step-N`` folder
+    when :data:`LEGACY_REQUIRED` files are present and non-empty, for other folders as is.
+    """
+    legacy = LEGACY_REQUIRED if _STEP_DIR.match(Path(folder).name) else ()
+    return marker_problem(Path(folder), MARKER, legacy)
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+    return incomplete_reason(folder) is None
+
+
+def damaged_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """``step-N`` folders with a marker that do not match it (skipped by resume, with a note)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if _STEP_DIR.match(p.name) and (p / MARKER).is_file() and (why := incomplete_reason(p)):
+            out.append((p, why))
+    return out
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -160,10 +250,23 @@ def prune_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
     cks = list_checkpoints(run_dir)
     doomed = cks[: max(0, len(cks) - keep)]
     root = Path(run_dir) / "checkpoints"
-    doomed += [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-"))] if root.is_dir() else []
+    doomed += [p for p in root.iterdir() if p.name.startswith(_TRANSIENT)] if root.is_dir() else []
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_atomically(p)
     return doomed
+
+
+def remove_atomically(folder: Path) -> None:
+    """Rename out of the way first (atomic), then delete: a crash never leaves a half-deleted
+    folder under a checkpoint's name."""
+    if not folder.name.startswith(_TRANSIENT):
+        gone = folder.parent / f".del-{folder.name}"
+        if gone.exists():
+            shutil.rmtree(gone, ignore_errors=True)
+        folder.rename(gone)
+        _fsync_file(folder.parent)
+        folder = gone
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve_resume(resume: str | Path | bool, run_dir: Path) -> Path:
@@ -172,9 +275,10 @@ def resolve_resume(resume: str | Path | bool, run_dir: Path) -> Path:
         target = Path(run_dir)
     else:
         target = Path(str(resume)).expanduser()
-    if (target / STATE_FILE).is_file():
-        if not is_complete(target):
-            raise UserError(f"checkpoint {target} has no {MARKER} marker: it was cut off while being written")
+    if (target / STATE_FILE).is_file() or (target / MARKER).is_file():
+        why = incomplete_reason(target)
+        if why:
+            raise UserError(f"checkpoint {target} is not complete: {why}; resume from another checkpoint")
         return target
     found = latest_checkpoint(target)
     if found is None:
@@ -184,7 +288,16 @@ def resolve_resume(resume: str | Path | bool, run_dir: Path) -> Path:
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
-    return torch.load(folder / STATE_FILE, weights_only=False)
+    import torch  # here, not at the top: validate and --help import this module and must start fast
+
+    f = Path(folder) / STATE_FILE
+    try:
+        return torch.load(f, weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {folder} has no {STATE_FILE}; resume from another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise UserError(f"{f} is damaged ({str(exc).splitlines()[0][:120]}); resume from another checkpoint "
+                        "(--resume RUN/checkpoints/step-N)") from None
 
 
 __all__ = [
@@ -193,12 +306,17 @@ __all__ = [
     "STATE_FILE",
     "begin_atomic_dir",
     "checkpoint_name",
+    "damaged_checkpoints",
+    "disk_full_guard",
+    "ensure_space",
+    "incomplete_reason",
     "finish_atomic_dir",
     "latest_checkpoint",
     "list_checkpoints",
     "load_rng",
     "load_training_state",
     "prune_checkpoints",
+    "remove_atomically",
     "resolve_resume",
     "rng_state",
     "save_rng",

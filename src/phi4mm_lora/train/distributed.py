@@ -218,6 +218,8 @@ def load_trained(accelerator: Any, model: torch.nn.Module, peft: torch.nn.Module
         full[re.sub(r"\.(lora_[A-Za-z_]+)\.weight$", rf".\1.{adapter_name}.weight", k)] = v
     if (folder / EXTRA_FILE).is_file():
         full.update({f"base_model.model.{k}": v for k, v in load_file(str(folder / EXTRA_FILE)).items()})
+    buffers = {n for n, _ in peft.named_buffers()}  # saved with PEFT modules_to_save, never trained
+    full = {k: v for k, v in full.items() if k not in buffers}
     wanted = set(trainable_names(peft))
     unknown = sorted(set(full) - wanted)
     if unknown:

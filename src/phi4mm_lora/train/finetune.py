@@ -20,12 +20,14 @@ What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
    multi-process training then give exactly the gradient of one big batch;
 3. loss is computed on answer positions only (:mod:`phi4mm_lora.train.loss`);
 4. a non-finite loss stops the run naming the step, the examples and the last checkpoint;
-5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and TensorBoard.
+5. clip, optimizer step, scheduler step; metrics to ``metrics.jsonl`` and the trackers of
+   ``train.report_to`` (TensorBoard by default; :mod:`phi4mm_lora.train.trackers`).
 
 Checkpoints (:mod:`phi4mm_lora.train.checkpoint`) every ``train.save_every_steps`` and at
 each epoch end; ``resume`` restores adapters, optimizer, scheduler, RNG and the position in
-the data. After each epoch an optional ``evaluate_fn(model, processor, epoch) -> dict`` is
-called (when ``eval.during_training``) and its numbers are logged with the losses; under FSDP
+the data. After each epoch (and every ``eval.every_steps`` steps, when set) an optional
+``evaluate_fn(model, processor, epoch) -> dict`` is called (when ``eval.during_training``) and
+its numbers are logged with the losses; at the end the config goes to TensorBoard as hparams; under FSDP
 or ZeRO-3 it is skipped with a warning (generation on one process would deadlock the others):
 evaluate the saved checkpoint with ``phi4mm-lora evaluate`` instead.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -48,10 +51,11 @@ from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.train import checkpoint as ckpt
-from phi4mm_lora.train import distributed
+from phi4mm_lora.train import distributed, trackers
 from phi4mm_lora.train import loss as loss_mod
 
-#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log.
+#: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log; called after each
+#: epoch, and with ``eval.every_steps`` also mid-epoch as ``evaluate_fn(model, processor, epoch, step=N)``.
 EvaluateFn = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
 
@@ -168,18 +172,93 @@ def train(
     evaluate_fn: EvaluateFn | None = None,
     *,
     resume: str | Path | bool | None = None,
+    resume_with_changes: bool = False,
+    config_file: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary."""
+    """Fine-tune according to ``cfg``; returns the run folder, final adapter and summary.
+
+    First every check that needs no model (:func:`~phi4mm_lora.train.preflight.preflight`, the
+    same that ``validate`` runs), then the run folder is locked for this process (one owner per
+    run folder), then :func:`_train` does the work.
+    """
+    from phi4mm_lora.train.preflight import preflight
+    from phi4mm_lora.train.runlock import RunLock
+
+    main = int(os.environ.get("RANK", "0")) == 0  # the Accelerator does not exist yet
+    pf = preflight(cfg, config_file=config_file, resume=resume, resume_with_changes=resume_with_changes, main=main)
+    lock = RunLock(pf.run_dir).acquire() if main else None
+    try:
+        if lock is not None and lock.took_over:
+            pf.notes.append(f"took over the run folder from {lock.took_over} (no longer running)")
+        return _train(cfg, pf, evaluate_fn, progress=progress, log=log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+
+
+def finite_row(row: dict) -> dict:
+    """Non-finite numbers become null: ``Infinity``/``NaN`` are not JSON (RFC 8259)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def read_metrics(path: Path, upto_step: int) -> tuple[list[dict], list[str]]:
+    """Rows of ``metrics.jsonl`` up to ``upto_step``; lines that are not JSON (a torn last line
+    after a crash) are dropped and named in the notes."""
+    rows, notes = [], []
+    if not path.is_file():
+        return rows, notes
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):
+            notes.append(f"dropped line {n} of {path} (not a complete JSON record: {line[:40]!r})")
+            continue
+        if step <= upto_step:
+            rows.append(row)
+    return rows, notes
+
+
+def _apply_changed_schedule(optimizer, scheduler, tc, changed: dict) -> list[str]:
+    """After ``--resume-with-changes``: the new lr/weight decay/schedule take effect for real
+    (loading the optimizer and scheduler state restored the old ones)."""
+    keys = [k for k in changed if k in ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio",
+                                        "train.epochs", "train.max_steps")]
+    if not keys:
+        return []
+    scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = tc.lr
+        group["weight_decay"] = tc.weight_decay
+        group["lr"] = tc.lr * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return [f"applied from step {scheduler.last_epoch}: " + ", ".join(f"{k}={changed[k][1]}" for k in keys)]
+
+
+def _train(
+    cfg: RunConfig,
+    pf,
+    evaluate_fn: EvaluateFn | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """The run itself, after :func:`train`'s checks and lock."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from phi4mm_lora.data.examples import build_examples
+    from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, build_examples
     from phi4mm_lora.model.adapters import load_extra_modules, save_trained
     from phi4mm_lora.model.load import load_model, resolve_path
     from phi4mm_lora.model.precision import check_plan, pick_device, resolve_plan
@@ -194,17 +273,16 @@ def train(
     # process (tests, a notebook, demo then eval) may use another precision, so start clean.
     # The distributed process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu")
+    trackers.check_available(tc.report_to)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu",
+                              log_with=trackers.log_with(tc.report_to, run_dir) or None)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 
     def say(msg: str) -> None:
         if main:
             (log or tqdm.write)(msg)
 
-    resume_from = ckpt.resolve_resume(resume, run_dir) if resume not in (None, False) else None
-    if resume_from is None and main and ckpt.list_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints of an earlier run; continue it with --resume "
-                        "or choose another output_dir")
+    resume_from = pf.resume_from
     resolve_path(cfg.model)  # builds the tiny model on first use; that draws random numbers, so before seeding
     set_seed(cfg.seed)
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
@@ -227,8 +305,11 @@ def train(
         enable_activation_checkpointing(model)
     model.config.use_cache = False
 
-    examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
-                                      audio_token=processor.audio_token, seed=cfg.seed)
+    if pf.examples is not None and processor.audio_token == DEFAULT_AUDIO_TOKEN:
+        examples, report = pf.examples, pf.report  # built by the pre-flight checks
+    else:
+        examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
+                                          audio_token=processor.audio_token, seed=cfg.seed)
     if not examples:
         raise UserError(f"no training examples in split {cfg.data.train_split!r}: {report}")
     cache = None
@@ -247,6 +328,12 @@ def train(
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
     n_epochs = math.ceil(total_steps / spe)
+    if pf.state is not None and pf.state["global_step"] >= total_steps:
+        from phi4mm_lora.train.preflight import NothingToDo
+
+        raise NothingToDo(f"run {run_dir} already finished: {resume_from.name} is step {pf.state['global_step']} "
+                          f"of {total_steps}; nothing changed. To train further, raise train.epochs or "
+                          "train.max_steps (with --resume-with-changes)")
 
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps),
@@ -261,14 +348,20 @@ def train(
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        st = ckpt.load_training_state(resume_from)
+        st = pf.state if pf.state is not None else ckpt.load_training_state(resume_from)
         adapter = resume_from / ckpt.ADAPTER_DIR
-        if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
-            set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
-                                      adapter_name=state.trainable_adapter)
-            load_extra_modules(peft, adapter)
-        distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
+        try:
+            if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
+                set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
+                                          adapter_name=state.trainable_adapter)
+                load_extra_modules(peft, adapter)
+            distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups differ
+            raise UserError(f"checkpoint {resume_from} does not fit this model/adapter ({str(exc).splitlines()[0][:160]}); "
+                            "resume with the settings it was saved with") from None
         scheduler.load_state_dict(st["scheduler"])
+        for note in _apply_changed_schedule(optimizer, scheduler, tc, pf.changed):
+            pf.notes.append(note)
         if st.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(st["scaler"])
         epoch0, step0, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
@@ -281,10 +374,11 @@ def train(
         dump_config(cfg, run_dir / "config.yaml")
         if resume_from is None:
             metrics_file.write_text("")
-        else:  # drop lines logged after the checkpoint we resume from
-            kept = [ln for ln in metrics_file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= global_step]
-            metrics_file.write_text("".join(k + "\n" for k in kept))
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+        else:  # drop lines logged after the checkpoint we resume from (and a torn last line)
+            kept, torn = read_metrics(metrics_file, global_step)
+            pf.notes.extend(torn)
+            _write_jsonl(metrics_file, [finite_row(r) for r in kept])
+    trackers.start(accelerator, cfg, run_dir)  # train.report_to; the config as hyperparameters
     say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
         f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
         f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
@@ -292,11 +386,13 @@ def train(
         say(f"data: skipped {note}")
     for note in setup_notes:
         say(f"warning: {note}")
+    for note in pf.notes:
+        say(f"note: {note}")
 
     def record(row: dict) -> None:
         if main:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(finite_row(row), allow_nan=False) + "\n")
 
     last_ckpt: Path | None = resume_from
 
@@ -304,8 +400,17 @@ def train(
         final = run_dir / "checkpoints" / ckpt.checkpoint_name(global_step)
         tmp = ckpt.temp_dir_for(final)
         if main:
+            ckpt.ensure_space(final, last_ckpt, n_trainable)
             ckpt.begin_atomic_dir(final)
         accelerator.wait_for_everyone()
+        with ckpt.disk_full_guard(final, last_ckpt, n_trainable):
+            _write_checkpoint(final, tmp, epoch, step_in_epoch)
+        if main:
+            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(final: Path, tmp: Path, epoch: int, step_in_epoch: int) -> None:
         ckpt.save_rng(tmp, rank)
         # collectives: under FSDP/DeepSpeed every process helps gather the full tensors
         trained = distributed.gather_trained(accelerator, model, peft)
@@ -317,12 +422,30 @@ def train(
                 "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "world_size": world, "config": cfg.model_dump(mode="json"),
+                "world_size": world, "config": cfg.model_dump(mode="json"), "total_steps": total_steps,
             }, tmp / ckpt.STATE_FILE)
             ckpt.finish_atomic_dir(tmp, final)
-            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
+
+    last_eval_step: int | None = None
+
+    def run_eval(epoch_value: float, when: str, step: int | None = None) -> None:
+        """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
+        nonlocal last_eval_step
+        if main:
+            model.eval()
+            with torch.no_grad():
+                extra = {} if step is None else {"step": step}
+                result = dict(evaluate_fn(peft, processor, epoch_value, **extra))
+            model.train()
+            erow = {"type": "eval", "step": global_step, "epoch": epoch_value, **result}
+            eval_rows.append(erow)
+            record(erow)
+            accelerator.log({f"eval/{k}": v for k, v in result.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=global_step)
+            say(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in result.items()))
+        last_eval_step = global_step
         accelerator.wait_for_everyone()
-        return final
 
     # ------------------------------------------------------------------ train
     model.train()
@@ -385,10 +508,8 @@ def train(
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "label_tokens": n_total,
                    "examples_per_s": n_examples / elapsed, "tokens_per_s": n_tokens / elapsed}
             record(row)
-            if writer is not None:
-                for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s"):
-                    if row[k] is not None:
-                        writer.add_scalar(f"train/{k}", row[k], global_step)
+            accelerator.log({f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s")
+                             if row[k] is not None}, step=global_step)
             bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
             bar.update(1)
             if global_step % tc.log_every_steps == 0 or global_step == total_steps:
@@ -397,6 +518,10 @@ def train(
             if tc.save_every_steps and global_step % tc.save_every_steps == 0:
                 last_ckpt = save_checkpoint(epoch, s + 1)
                 say(f"checkpoint {last_ckpt}")
+            every = cfg.eval.every_steps
+            if (every and global_step % every == 0 and s + 1 < spe and evaluate_fn is not None
+                    and cfg.eval.during_training and distributed.can_evaluate_on_main(accelerator)):
+                run_eval(round(epoch + (s + 1) / spe, 4), f"at step {global_step}", step=global_step)
 
         epoch_done = last == spe
         if epoch_done:
@@ -408,22 +533,8 @@ def train(
                     say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
                         "are sharded; generating on one process would hang the others); evaluate a checkpoint "
                         "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
-            elif evaluate_fn is not None and cfg.eval.during_training:
-                if main:
-                    model.eval()
-                    with torch.no_grad():
-                        result = dict(evaluate_fn(peft, processor, epoch + 1))
-                    model.train()
-                    erow = {"type": "eval", "step": global_step, "epoch": epoch + 1, **result}
-                    eval_rows.append(erow)
-                    record(erow)
-                    if writer is not None:
-                        for k, v in result.items():
-                            if isinstance(v, (int, float)):
-                                writer.add_scalar(f"eval/{k}", v, global_step)
-                    say(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                              for k, v in result.items()))
-                accelerator.wait_for_everyone()
+            elif evaluate_fn is not None and cfg.eval.during_training and last_eval_step != global_step:
+                run_eval(epoch + 1, f"after epoch {epoch + 1}")
         if global_step >= total_steps:
             break
     bar.close()
@@ -432,7 +543,8 @@ def train(
     adapter_dir = run_dir / "adapter"
     trained = distributed.gather_trained(accelerator, model, peft)  # collective
     if main:
-        ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
+        with ckpt.disk_full_guard(adapter_dir, last_ckpt, n_trainable):
+            ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t_start
     loop_s = time.perf_counter() - t_loop
@@ -448,10 +560,10 @@ def train(
         "last_checkpoint": str(last_ckpt) if last_ckpt else None, "eval": eval_rows[-1] if eval_rows else None,
     }
     if main:
-        if writer is not None:
-            writer.close()
         summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        trackers.log_files(accelerator, [run_dir / "loss_curve.png", run_dir / "summary.json", metrics_file])
+        trackers.finish(accelerator, cfg, summary)  # TensorBoard: the config as hparams with the final numbers
         say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in summary.items() if k != "eval"))
     accelerator.end_training()

@@ -1,0 +1,230 @@
+"""Training throughput of the real ``train`` recipe on one GPU: s/step, examples/s, tokens/s, MFU, memory.
+
+    python scripts/bench_gpu.py                      # random full-size checkpoint, the 5 rows measured before
+    python scripts/bench_gpu.py --checkpoint DIR     # an existing native checkpoint (skips writing one)
+    python scripts/bench_gpu.py --dry-run            # tiny model on CPU: checks the harness (CI runs it)
+
+Each row is one subprocess that runs the project's own ``train`` (configs/pronunciation-paper.yaml,
+bundled corpus, grad_accum 1, no checkpoints, no evaluation) for ``--steps`` optimizer steps, so
+nothing is special-cased for the benchmark. Steady state excludes the first ``--warmup`` steps:
+from ``metrics.jsonl``, whose cumulative ``examples_per_s`` gives the wall time at every step.
+
+MFU counts model FLOPs only (recomputation by gradient checkpointing is not work):
+per token ``4 * N_frozen_decoder + 6 * N_trainable + 12 * L * d * T + 6 * V * d * answer_share``
+- forward and activation-gradient passes through the frozen decoder linears, forward + both
+gradients through the trainable tensors, attention over ``T`` tokens per example, and the
+answer-only ``lm_head``. The frozen audio encoder's forward is left out (a few percent), so the
+figure errs low. Peak FLOP/s: H100/H200 989e12 bf16 dense, A100 312e12, or ``--peak-tflops``.
+
+Output: a JSON file and a markdown table (``--out DIR``), and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "pronunciation-paper.yaml"
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+CHILD = r"""
+import json, sys, time
+import torch
+from phi4mm_lora.config import load_config
+from phi4mm_lora.train.finetune import train
+cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+if torch.cuda.is_available():
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+result = train(cfg, progress=False, log=lambda m: None)
+out = {"summary": result.summary, "wall_s": time.perf_counter() - t0}
+if torch.cuda.is_available():
+    out["peak_alloc"] = torch.cuda.max_memory_allocated()
+    out["peak_reserved"] = torch.cuda.max_memory_reserved()
+print("BENCH " + json.dumps(out, default=str))
+"""
+
+
+def decoder_flops_per_token(config: dict, n_trainable: int, tokens_per_example: float, answer_share: float) -> float:
+    """Model FLOPs per token of one training step (see the module docstring)."""
+    d, L, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = d // heads
+    per_layer = d * (d + 2 * kv * head_dim) + d * d + d * 2 * inter + inter * d  # qkv, o, gate_up, down
+    n_frozen = L * per_layer
+    vocab = config["vocab_size"]
+    return 4 * n_frozen + 6 * n_trainable + 12 * L * d * tokens_per_example + 6 * vocab * d * answer_share
+
+
+def steady_state(rows: list[dict], batch: int, warmup: int) -> dict:
+    """Per-step wall times from the cumulative rates in ``metrics.jsonl`` rows (one per step)."""
+    train_rows = [r for r in rows if r.get("type") == "train"]
+    if len(train_rows) <= warmup:
+        raise SystemExit(f"only {len(train_rows)} steps logged; need more than --warmup {warmup}")
+    elapsed, tokens = [], []
+    n_ex = 0
+    for r in train_rows:
+        n_ex += batch  # the recipe's batches are full except possibly an epoch's last one
+        t = n_ex / r["examples_per_s"]
+        elapsed.append(t)
+        tokens.append(r["tokens_per_s"] * t)
+    n = len(train_rows) - warmup
+    dt = elapsed[-1] - elapsed[warmup - 1] if warmup else elapsed[-1]
+    dtok = tokens[-1] - (tokens[warmup - 1] if warmup else 0.0)
+    label = sum(r["label_tokens"] for r in train_rows[warmup:])
+    return {"steps": n, "s_per_step": dt / n, "examples_per_s": batch * n / dt, "tokens_per_s": dtok / dt,
+            "tokens_per_example": dtok / (batch * n), "answer_share": label / dtok if dtok else 0.0,
+            "first_step_s": elapsed[0]}
+
+
+def run_row(model_path: str | None, plan: str, batch: int, gc: bool, steps: int, device: str, out: Path) -> dict:
+    from phi4mm_lora.data.examples import bundled_corpus_path
+
+    run_dir = out / f"{plan}-b{batch}-gc{int(gc)}"
+    overrides = [f"precision={plan}", f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={steps}",
+                 "train.save_every_steps=null", "train.keep_checkpoints=null", "train.log_every_steps=1",
+                 f"train.gradient_checkpointing={str(gc).lower()}", "eval.during_training=false",
+                 f"data.path={bundled_corpus_path()}", f"output_dir={run_dir}", f"model.device={device}",
+                 "train.num_workers=2"]
+    overrides.append(f"model.path={model_path}" if model_path else "model.path=null")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(CONFIG), json.dumps(overrides)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH "))[6:])
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return {**child, "rows": rows}
+
+
+def measure(args: argparse.Namespace, model_path: str | None, device: str, out: Path) -> list[dict]:
+    from phi4mm_lora.config import ModelConfig
+    from phi4mm_lora.model.load import resolve_path
+
+    config = json.loads((Path(resolve_path(ModelConfig(path=model_path))) / "config.json").read_text())
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops()
+    results = []
+    for plan, batch, gc in args.rows:
+        r = run_row(model_path, plan, batch, gc, args.steps, device, out)
+        row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
+        if "error" in r:
+            row["error"] = r["error"]
+        else:
+            st = steady_state(r["rows"], batch, args.warmup)
+            fpt = decoder_flops_per_token(config, r["summary"]["trainable_params"], st["tokens_per_example"],
+                                          st["answer_share"])
+            row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
+                       peak_alloc_gb=r.get("peak_alloc", 0) / 1e9 or None,
+                       peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
+                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"])
+        results.append(row)
+        print(table_line(row), flush=True)
+    return results
+
+
+def gpu_peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# The rows measured before the speed work (gpu-measurements.md), so before/after compare 1:1.
+DEFAULT_ROWS = (("bf16", 8, True), ("bf16", 8, False), ("nf4", 8, True), ("selective", 8, True), ("selective", 1, True))
+
+HEADER = ("| plan | grad ckpt | batch | steady s/step | examples/s | tokens/s | MFU | peak alloc GB | peak reserved GB |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['plan']} | {'on' if r['grad_ckpt'] else 'off'} | {r['batch']} | failed: {r['error']} | | | | | |"
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    return (f"| {r['plan']} | {'on' if r['grad_ckpt'] else 'off'} | {r['batch']} | {r['s_per_step']:.3f} | "
+            f"{r['examples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {f(r['mfu'], '.1%')} | "
+            f"{f(r['peak_alloc_gb'], '.1f')} | {f(r['peak_reserved_gb'], '.1f')} |")
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    import transformers
+
+    return (f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"{platform.processor() or platform.machine()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="native checkpoint folder; default: write a random full-size one (GPU)")
+    p.add_argument("--plans", type=lambda s: s.split(","), help="precision plans, e.g. bf16,nf4 (with --batches, --gc: "
+                   "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
+    p.add_argument("--gc", type=lambda s: [x == "on" for x in s.split(",")], default=[True],
+                   help="gradient checkpointing settings to try, e.g. on,off")
+    p.add_argument("--steps", type=int, default=14, help="optimizer steps per row")
+    p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady state")
+    p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: known from the GPU name)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-gpu"), help="folder for bench.json and bench.md")
+    p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, fp32, 2 short rows: checks the harness")
+    args = p.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    args.rows = ([(p_, b, g) for p_ in args.plans for b in args.batches for g in args.gc] if args.plans
+                 else list(DEFAULT_ROWS))
+    if args.dry_run:
+        args.rows = [("fp32", 2, False), ("fp32", 1, False)]
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+        model_path, device = None, "cpu"
+        write_s = 0.0
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: no CUDA GPU is visible; use --dry-run to check the harness on CPU", file=sys.stderr)
+            return 2
+        device = "cuda"
+        model_path = args.checkpoint
+        write_s = 0.0
+        if model_path is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_precision import write_full_size
+
+            model_path = str(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "full")
+            t_w = time.perf_counter()
+            write_full_size(Path(model_path))
+            write_s = time.perf_counter() - t_w
+            print(f"wrote a random full-size checkpoint in {write_s:.0f} s", flush=True)
+    print(HEADER, flush=True)
+    rows = measure(args, model_path, device, args.out)
+    report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
+              "steps": args.steps, "warmup": args.warmup, "checkpoint_write_s": write_s,
+              "total_s": time.perf_counter() - t0, "rows": rows}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+    md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.\n\n{HEADER}\n"
+    md += "\n".join(table_line(r) for r in rows) + "\n"
+    (args.out / "bench.md").write_text(md)
+    print(f"total {report['total_s']:.0f} s; wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
