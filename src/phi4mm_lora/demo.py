@@ -149,7 +149,7 @@ def run_demo(cfg: RunConfig, out: Path, n_held_out: int, progress: bool = True,
           "stay near chance, because a toy model with random weights trained for a minute cannot hear "
           "pronunciation. The real model is needed for that (see README).",
           "- Headline figures count an unparseable answer as a total failure (docs/metrics.md).", ""]
-    for group, _, label, suffix in GROUPS:
+    for _, _, label, suffix in GROUPS:
         md.append(f"- {label}: `{suffix}-before/report.md`, `{suffix}-after/report.md`")
     (out / "demo.md").write_text("\n".join(md) + "\n")
     return DemoResult(before, after, result.summary, result.adapter_dir, result.run_dir, seconds)
