@@ -40,19 +40,19 @@ prompts:
 data:
   path: null            # empty: the bundled generated corpus (Speechocean762 layout)
   task: both
-  limit: 4              # utterances (x2 tasks = 8 examples), seen 120 times each
+  limit: 4              # utterances (x2 tasks = 8 examples), seen 160 times each
 train:
-  epochs: 120
+  epochs: 160
   batch_size: 4
   grad_accum: 1
-  lr: 0.001
+  lr: 0.002
   scheduler: constant
   max_grad_norm: null
   gradient_checkpointing: false
   group_by_length: true
   log_every_steps: 40
   save_every_steps: null
-  save_every_epoch: false   # 240 two-step epochs: checkpointing each would cost more than training
+  save_every_epoch: false   # 160 two-step epochs: checkpointing each would cost more than training
 eval:
   during_training: false
   max_new_tokens: 96    # the longest answer of the bundled corpus is 75 tokens
