@@ -5,8 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pins: the Phi-4 image processor needs torchvision, which must match torch.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The oldest supported transformers/peft (docs/compatibility.md), with the hub/tokenizers
+# releases they need. Installed without dependencies into a folder layered over the venv with
+# PYTHONPATH, so torch and everything else is shared, not installed twice.
+COMPAT_SITE ?= .compat-site
+COMPAT_SPEC ?= transformers==4.57.6 peft==0.18.0 huggingface_hub==0.36.2 tokenizers==0.22.2 requests==2.34.2 charset-normalizer==3.5.3
+# Files holding the compat subset (tests/conftest.py COMPAT_SUBSET); only these are collected,
+# since other test files import libraries (datasets) that need a newer huggingface_hub.
+COMPAT_TESTS ?= test_official_layout test_train_loss test_model_load test_adapters test_verify_cli test_train_resume test_evaluate_e2e test_score test_doctor
 
-.PHONY: install system-deps demo test lint bench
+.PHONY: install system-deps demo test test-compat lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,8 +34,18 @@ system-deps:
 demo: install
 	$(VENV)/bin/phi4mm-lora demo
 
-test: install
+$(COMPAT_SITE)/.installed: Makefile $(VENV)/.installed
+	rm -rf $(COMPAT_SITE)
+	$(PY) -m pip install -q --no-deps --target $(COMPAT_SITE) $(COMPAT_SPEC)
+	touch $@
+
+# Full suite on the newest versions, then the compat subset on the oldest transformers/peft.
+test: install $(COMPAT_SITE)/.installed
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-compat
+
+test-compat: install $(COMPAT_SITE)/.installed
+	PYTHONPATH=$(CURDIR)/$(COMPAT_SITE):$(CURDIR)/src $(PY) -m pytest -q -m compat $(COMPAT_TESTS:%=tests/%.py)
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -116,6 +116,7 @@ def test_bad_adapter_requests_are_user_errors(tiny_native, tmp_path):
 
 
 def _train_steps(loaded, batch, steps=2):
+    torch.manual_seed(0)  # dropout masks: the same trained weights whatever ran before (test order)
     opt = torch.optim.SGD([p for p in loaded.model.parameters() if p.requires_grad], lr=0.5)
     loaded.model.train()
     labels = batch["input_ids"].clone()
@@ -154,7 +155,18 @@ def test_save_reload_reproduces_logits_in_peft_and_transformers(tiny_native, tmp
 
     # transformers' own load_adapter on the same merged base.
     base2 = _load(tiny_native).model.merge_and_unload()
-    base2.load_adapter(str(out), adapter_name="task")
+    try:
+        base2.load_adapter(str(out), adapter_name="task")
+    except ImportError as exc:  # transformers' PEFT integration wants its own minimum peft
+        import peft as peft_lib
+        from packaging.version import Version
+        from transformers.integrations import peft as tf_peft
+
+        need = getattr(tf_peft, "MIN_PEFT_VERSION", "0")
+        if Version(peft_lib.__version__) >= Version(need):
+            raise
+        pytest.skip(f"transformers' load_adapter needs peft>={need}, installed {peft_lib.__version__} ({exc}); "
+                    "see docs/compatibility.md")
     with torch.no_grad():
         assert torch.allclose(base2.eval()(**batch).logits, want, atol=1e-5)
 

@@ -210,6 +210,7 @@ LIBRARY_COMMAND = {
     "evaluate/batch.py": "score",      # reading score --batch's CSV/JSONL/folder
     "train/checkpoint.py": "train",    # resume resolution exists only for train
     "train/finetune.py": "train",
+    "train/preflight.py": ("train", "validate"),  # the checks both run before loading a model
     "export/__init__.py": "export",
     "export/card.py": "export",
     "model/run_folder.py": ("evaluate", "score", "serve", "export"),  # every command that opens a run

@@ -32,3 +32,45 @@ def test_doctor_json(tmp_path, capsys):
         assert "problem:" in printed and "fix:" in printed
     else:
         assert "no problems found" in printed and "problem:" not in printed
+
+
+def test_versions_outside_the_tested_range_warn_once(monkeypatch, capsys):
+    """Installed versions are read from package metadata and compared with the tested range:
+    inside it no command warns; outside it every command prints one line naming the range,
+    and doctor lists the library as a problem."""
+    from phi4mm_lora import versions
+
+    assert all(ok for *_, ok in versions.check_versions()), versions.check_versions()
+    assert main(["doctor"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version", lambda p: "4.40.0" if p == "transformers" else real(p))
+    assert main(["verify", "--model", "/nonexistent/folder"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith("error: "), err
+    assert err[0].startswith("warning: ") and "transformers 4.40.0" in err[0]
+    assert versions.SUPPORTED["transformers"] in err[0]
+    assert main(["doctor"]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and "outside the tested range" in out
+
+
+def test_pyproject_states_the_tested_ranges():
+    """pyproject.toml, README and versions.SUPPORTED say the same, and no wider."""
+    import re
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from phi4mm_lora.versions import SUPPORTED
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    stated = {m[1]: m[2] for d in deps if (m := re.match(r"^([A-Za-z0-9_.-]+)(.*)$", d.replace(" ", "")))}
+    readme = (root / "README.md").read_text()
+    for pkg, spec in SUPPORTED.items():
+        assert stated[pkg] == spec, (pkg, stated[pkg], spec)
+        assert f"{pkg}{spec}" in readme.replace(" ", "").replace("`", ""), pkg
+

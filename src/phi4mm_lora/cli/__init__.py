@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     if not debug and not getattr(args, "light", False):
         _quiet_transformers()
+    from phi4mm_lora.versions import untested_warning
+
+    if (line := untested_warning()) is not None:
+        print(f"warning: {line}", file=sys.stderr)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:

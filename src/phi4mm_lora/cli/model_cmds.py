@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--layout", choices=("native", "official"), default="native",
-                   help="native: transformers layout + PEFT adapter folders; official: Microsoft's remote-code layout")
+                   help="native: transformers layout + PEFT adapter folders; official: the published download's layout "
+                   "(bf16 shards + index, published config/tokenizer/processor files, remote-code .py files that "
+                   "fail if anything imports them)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_tiny)
 
@@ -109,7 +111,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     d = diagnose()
     t = Table(title="phi4mm-lora doctor", show_header=False)
     for k, v in d.versions.items():
-        t.add_row(k, v or "[dim]not installed[/]")
+        rng = d.tested.get(k)
+        mark = "" if rng is None else f"  (tested {rng['tested']}: {'ok' if rng['ok'] else '[red]outside[/]'})"
+        t.add_row(k, (v or "[dim]not installed[/]") + mark)
     t.add_row("device", d.device)
     t.add_row("bf16", "yes" if d.bf16 else "no")
     for k, v in d.memory.items():
@@ -126,6 +130,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         console.print("[green]no problems found[/]: nothing to fix")
     if args.json:
         args.json.write_text(json.dumps({"versions": d.versions, "device": d.device, "bf16": d.bf16, "memory": d.memory,
-                                         "problems": [{"problem": p, "fix": f} for p, f in d.problems], "facts": d.notes,
+                                         "tested": d.tested, "problems": [{"problem": p, "fix": f} for p, f in d.problems], "facts": d.notes,
                                          "notes": d.notes}, indent=2))
     return 0

@@ -167,7 +167,7 @@ def evaluate(
     if not examples:  # an empty table with exit 0 would read as "evaluated, all fine"
         first = f"; first: {data_report.problems[0]}" if data_report.problems else ""
         raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
-                        f"({data_report.n_problems} skipped{first}); fix the data or pick another --split")
+                        f"({data_report.n_problems} skipped{first}); fix the data or pick another split (data.eval_split)")
     loaded = _load(cfg, loaded)
     if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:
         examples, data_report = build_examples(cfg.data, cfg.prompts, split,

@@ -193,12 +193,10 @@ def _official(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
     every = sorted(n for n, _ in plain.named_modules() if _OFFICIAL_TARGET.match(n))
     lora = {n: weights[n] for n in slots}
     specs = {n: _spec(configs[n], list(weights[n]), every) for n in slots}
-    convert.write_official(out, plain, lora, specs)
+    convert.write_official(out, plain, lora, specs, processor=loaded.processor)  # published tokenizer/processor files
     for name in slots:  # serving tools pass these folders as LoRA adapters
         if not (out / f"{name}-lora").is_dir():
             convert.write_peft_adapter(out / f"{name}-lora", lora[name], specs[name])
-    if not (out / "tokenizer.json").is_file():
-        loaded.processor.save_pretrained(str(out))
     stray = sorted(p.name for p in out.glob("*.py"))
     for p in stray:  # never ship remote code: tools must read this layout as data
         (out / p).unlink()

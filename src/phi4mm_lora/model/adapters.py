@@ -159,7 +159,9 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
             if peft is None:
                 peft = get_peft_model(model, lcfg, adapter_name=name, autocast_adapter_dtype=autocast)
             else:
-                peft.add_adapter(name, lcfg, autocast_adapter_dtype=autocast)
+                # peft < 0.19 has no autocast_adapter_dtype here; lora_dtype is applied below either way
+                kwargs = {"autocast_adapter_dtype": autocast} if _accepts(peft.add_adapter, "autocast_adapter_dtype") else {}
+                peft.add_adapter(name, lcfg, **kwargs)
         if weights is not None:
             _load_weights(peft, name, weights)
     assert peft is not None
@@ -179,6 +181,12 @@ def attach_adapters(model: torch.nn.Module, cfg: AdapterConfig, pretrained: dict
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return peft, state
+
+
+def _accepts(fn, kwarg: str) -> bool:
+    import inspect
+
+    return kwarg in inspect.signature(fn).parameters
 
 
 def set_active(peft: PeftModel, active: list[str]) -> None:

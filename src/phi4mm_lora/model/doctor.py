@@ -26,6 +26,7 @@ class Diagnosis:
     memory: dict[str, float]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (problem, fix): something to act on
     notes: list[str] = field(default_factory=list)  # facts about this machine: nothing to do
+    tested: dict[str, dict] = field(default_factory=dict)  # package -> installed, tested range, ok
 
 
 def _version(pkg: str) -> str | None:
@@ -57,6 +58,15 @@ def diagnose() -> Diagnosis:
     else:
         desc = device.type
     d = Diagnosis(versions, desc, bf16_supported(device), memory)
+    from phi4mm_lora.versions import check_versions
+
+    for pkg, got, spec, ok in check_versions():
+        d.tested[pkg] = {"installed": got, "tested": spec, "ok": ok}
+        if not ok:
+            d.problems.append((
+                f"{pkg} {got or 'is not installed'}: outside the tested range {spec}",
+                f"pip install '{pkg}{spec}' (docs/compatibility.md lists what was tested)",
+            ))
     d.notes.append(f"precision plans that work here: {', '.join(working_plans(device))}")
 
     tf = versions.get("transformers") or "0"
@@ -68,6 +78,9 @@ def diagnose() -> Diagnosis:
             "no attribute 'prepare_inputs_for_generation'\"; phi4mm-lora never runs it (native classes; the "
             "official layout is converted in memory, or once with `phi4mm-lora convert SRC DST`)"
         )
+    peft_note = _transformers_peft_note(versions.get("peft"))
+    if peft_note:
+        d.notes.append(peft_note)
     if versions.get("torchcodec"):
         try:
             importlib.import_module("torchcodec.decoders")
@@ -85,3 +98,20 @@ def diagnose() -> Diagnosis:
     if device.type == "cpu":
         d.notes.append("no GPU: training runs on CPU (fine for the tiny model and tests, far too slow for 5.6B)")
     return d
+
+
+def _transformers_peft_note(peft_version: str | None) -> str | None:
+    """transformers' own PEFT integration (``model.load_adapter``) asks for a minimum peft that
+    rises with transformers (5.17: 0.19.1); phi4mm-lora uses PEFT directly and is not affected."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        from transformers.integrations import peft as tf_peft
+
+        need = getattr(tf_peft, "MIN_PEFT_VERSION", None)
+        if peft_version and need and Version(peft_version) < Version(need):
+            return (f"peft {peft_version} is older than the {need} transformers' own model.load_adapter() asks for; "
+                    "phi4mm-lora does not use it, but your own code calling it may fail")
+    except (ImportError, InvalidVersion):
+        pass
+    return None

@@ -107,16 +107,8 @@ def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: Adapt
                 f"precision {plan.name} loads the native layout; convert once with "
                 f"`phi4mm-lora convert {folder} NATIVE_DIR` and pass NATIVE_DIR"
             )
-        config, base, specs, weights = convert.read_official(folder, dtype=plan.dtype)
-        config._attn_implementation = attn
-        with torch.device("meta"):
-            model = Phi4MultimodalForCausalLM(config)
-        missing, unexpected = model.load_state_dict(base, strict=False, assign=True)
-        missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise UserError(f"{folder}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.tie_weights()
-        _materialise_buffers(model, config)
+        model, specs, weights = convert.build_from_official(folder, dtype=plan.dtype, attn=attn)
+        _materialise_buffers(model, model.config)
         model.to(plan.device)
         pretrained = {n: (convert.lora_config_from_spec(specs[n]), w) for n, w in weights.items() if n in specs}
         return model.eval(), pretrained, []
@@ -193,40 +185,46 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
 
 
 def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
-    from transformers import (
-        Phi4MultimodalFeatureExtractor,
-        Phi4MultimodalImageProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import Phi4MultimodalFeatureExtractor
 
+    from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, fast_tokenizer_class
     from phi4mm_lora.model.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, check_special_ids
 
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder} has no tokenizer.json; copy the checkpoint's tokenizer files there")
+    # preprocessor_config.json holds the audio and image settings as flat keys; it (and
+    # processor_config.json) also names remote code through auto_map, which is ignored here.
     settings = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
-            settings = json.loads((folder / name).read_text())
-            break
+    if (folder / "preprocessor_config.json").is_file():
+        settings = json.loads((folder / "preprocessor_config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
     template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() else tok_cfg.get("chat_template")
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = fast_tokenizer_class()(
         tokenizer_file=str(folder / "tokenizer.json"),
         bos_token=tok_cfg.get("bos_token", "<|endoftext|>"),
         eos_token=tok_cfg.get("eos_token", "<|endoftext|>"),
         pad_token=tok_cfg.get("pad_token", "<|endoftext|>"),
         unk_token=tok_cfg.get("unk_token", "<|endoftext|>"),
         extra_special_tokens={"audio_token": AUDIO_TOKEN, "image_token": IMAGE_TOKEN},
+        model_max_length=tok_cfg.get("model_max_length", 131072),
         chat_template=template,
     )
     check_special_ids(tokenizer)
-    audio_kw = {k: v for k, v in settings.get("audio_processor", {}).items() if k not in ("feature_extractor_type",)}
-    image_kw = {k: v for k, v in settings.get("image_processor", {}).items() if k in ("dynamic_hd", "patch_size", "size")}
+    if "compression_rate" in settings:
+        settings.setdefault("audio_compression_rate", settings["compression_rate"])
+    audio_kw = {k: settings[k] for k in _init_params(Phi4MultimodalFeatureExtractor) if k in settings}
+    image_kw = {k: settings[k] for k in ("dynamic_hd",) if k in settings}
     return Phi4MultimodalProcessor(
         image_processor=Phi4MultimodalImageProcessor(**image_kw),
         audio_processor=Phi4MultimodalFeatureExtractor(**audio_kw),
         tokenizer=tokenizer,
     )
+
+
+def _init_params(cls) -> list[str]:
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
 
 
 def load_model(model_cfg: ModelConfig, precision: str, adapter_cfg: AdapterConfig) -> Loaded:

@@ -5,8 +5,10 @@ paths the real model uses: the native ``Phi4MultimodalForCausalLM`` (decoder, co
 audio encoder, SigLIP vision tower, projectors), the real feature extractor and image
 processor, a real BPE tokenizer with Phi-4's special-token ids, and non-zero pretrained-style
 ``speech`` / ``vision`` PEFT adapters. Only the sizes shrink. ``--layout official`` writes
-the same weights the way Microsoft's remote-code checkpoint stores them, so the converter is
-tested against a checkpoint it did not write for itself.
+the same weights the way the published checkpoint stores them (shared official-layout.md:
+three bf16 shards and an index, the published adapter regexes and key names, GPT-2 style
+tokenizer files, processor files naming remote code, five remote-code files that are
+tripwires here); tests check that folder against the document, not against this writer.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from transformers import (
     Phi4MultimodalConfig,
     Phi4MultimodalFeatureExtractor,
     Phi4MultimodalForCausalLM,
-    Phi4MultimodalImageProcessor,
     Phi4MultimodalProcessor,
 )
 
 from phi4mm_lora.config import DECODER_LORA_REGEX
 from phi4mm_lora.model import convert
+from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, rope_kwargs
 from phi4mm_lora.model.tokenizer import EOS_IDS, VOCAB_SIZE, build_tokenizer
 
 #: Pretrained-style adapters of the tiny model (the real ones: speech r=320/640, vision r=256/512).
@@ -62,7 +64,7 @@ def tiny_config() -> Phi4MultimodalConfig:
         tie_word_embeddings=True,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
-        rope_parameters=_rope(hidden // heads),
+        **rope_kwargs(_rope(hidden // heads)),
         eos_token_id=EOS_IDS,
         audio_config={
             "hidden_size": 64,
@@ -131,9 +133,10 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
             model.save_pretrained(tmp)
             for name, spec in TINY_ADAPTERS.items():
                 convert.write_peft_adapter(tmp / f"{name}-lora", adapters[name], spec)
-        else:
-            convert.write_official(tmp, model, adapters, TINY_ADAPTERS)
-        processor.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        else:  # the published conventions: bf16 shards + index, side files, tripwire .py files
+            convert.write_official(tmp, model, adapters, TINY_ADAPTERS, processor=processor,
+                                   dtype=torch.bfloat16, tripwires=True)
         (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout}, indent=1))
         if out.exists():
             out.rmdir()

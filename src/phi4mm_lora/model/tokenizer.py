@@ -17,6 +17,8 @@ import random
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from phi4mm_lora.model.compat import fast_tokenizer_class
+
 VOCAB_SIZE = 200064
 FIRST_SPECIAL_ID = 199999
 AUDIO_TOKEN, AUDIO_TOKEN_ID = "<|endoftext11|>", 200011
@@ -112,7 +114,7 @@ def build_tokenizer(seed: int = 0, bpe_vocab: int = 4000) -> PreTrainedTokenizer
         for i, tok in sorted(SPECIAL_TOKENS.items())
     ]
     backend = Tokenizer.from_str(json.dumps(spec))
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = fast_tokenizer_class()(
         tokenizer_object=backend,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",

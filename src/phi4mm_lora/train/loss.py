@@ -3,10 +3,15 @@
 With Phi-4's 200,064-token vocabulary, full logits for a batch of 8 Speechocean762 APA
 examples (~750 tokens each) are 8 x 750 x 200064 floats = 4.8 GB in fp32, plus as much
 again for their gradient - while only the ~20-60 answer positions per row are supervised.
-transformers' ``logits_to_keep`` accepts a boolean ``[B, T]`` mask and applies ``lm_head``
-only to those hidden states, returning ``[n_kept, vocab]``. Calling the (possibly
-DDP/FSDP-wrapped) top-level model keeps accelerate's gradient synchronisation intact, which
-calling the inner decoder directly would bypass.
+So ``lm_head`` is applied to the supervised positions' hidden states only. transformers'
+boolean ``logits_to_keep`` mask would do that, but only newer releases accept a mask (5.17
+fails with "too many indices"), so the selection is made here, version-independently: a
+forward pre-hook on ``lm_head`` hands it ``hidden[keep]`` instead of all positions. Every
+supported release applies ``lm_head`` to ``hidden_states[:, slice(0, None), :]`` when no
+``logits_to_keep`` is given, so the hook always sees ``[B, T, hidden]``; anything else
+raises instead of computing a wrong loss. Calling the (possibly DDP/FSDP-wrapped) top-level
+model keeps accelerate's gradient synchronisation intact, which calling the inner decoder
+directly would bypass.
 
 Normalisation: :func:`answer_loss_sum` returns the *sum* of token losses. The recipe divides
 by the number of label tokens of the whole optimizer step (all micro-batches, all processes),
@@ -15,6 +20,8 @@ batch mean would weight short answers more.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +48,33 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``lm_head`` module under any wrapping (PEFT, DDP/FSDP ``.module``, a LoRA on lm_head)."""
+    heads = [(name, m) for name, m in model.named_modules() if name.rpartition(".")[2] == "lm_head"]
+    if not heads:
+        raise RuntimeError(f"{type(model).__name__} has no lm_head module")
+    return min(heads, key=lambda nm: nm[0].count("."))[1]
+
+
+@contextmanager
+def head_on_positions(model: torch.nn.Module, keep: torch.Tensor):
+    """While active, ``lm_head`` sees only the hidden states where ``keep`` ([B, T] bool) is
+    True, as one ``[1, n_kept, hidden]`` batch: the model returns ``[1, n_kept, vocab]`` logits."""
+
+    def select(_module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != keep.shape:
+            raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected "
+                               f"{tuple(keep.shape)} + (hidden,): this transformers release slices them itself")
+        return (hidden[keep].unsqueeze(0), *args[1:])
+
+    handle = output_head(model).register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def answer_loss_sum(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over supervised positions, and how many there were.
 
@@ -50,7 +84,8 @@ def answer_loss_sum(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     targets = next_token_targets(batch["labels"])
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
-    out = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False)
+    with head_on_positions(model, keep):
+        out = model(**model_inputs(batch), use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss_sum, n
