@@ -90,25 +90,29 @@ def test_unk() -> None:
 
 
 def test_insertions_scored_per_gap() -> None:
-    # c: K AE T; the gap after T (gap 3) is one extra unit when either side inserts there.
+    # Insertion-aware variant: the gap after T (gap 3) is one extra unit when either side inserts.
+    ins = {"count_insertions": True}
     # a inserts S, r inserts S -> TR-CD
-    assert counts("K AE T", "K AE T S", "K AE T S") == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    assert counts("K AE T", "K AE T S", "K AE T S", **ins) == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 1, "de": 0}
     # a inserts S, r inserts Z -> TR-DE
-    assert counts("K AE T", "K AE T S", "K AE T Z") == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 0, "de": 1}
+    assert counts("K AE T", "K AE T S", "K AE T Z", **ins) == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 0, "de": 1}
     # a inserts S, r does not -> FA (missed insertion)
-    assert counts("K AE T", "K AE T S", "K AE T") == {"ta": 3, "fr": 0, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    assert counts("K AE T", "K AE T S", "K AE T", **ins) == {"ta": 3, "fr": 0, "fa": 1, "tr": 0, "cd": 0, "de": 0}
     # a has none, r inserts Z -> FR (false alarm)
-    assert counts("K AE T", "K AE T", "K AE T Z") == {"ta": 3, "fr": 1, "fa": 0, "tr": 0, "cd": 0, "de": 0}
-    # insertions ignored on request: only canonical positions count
-    assert counts("K AE T", "K AE T", "K AE T Z", count_insertions=False)["fr"] == 0
+    assert counts("K AE T", "K AE T", "K AE T Z", **ins) == {"ta": 3, "fr": 1, "fa": 0, "tr": 0, "cd": 0, "de": 0}
+    # the standard definition (the default) scores canonical positions only
+    assert counts("K AE T", "K AE T", "K AE T Z")["fr"] == 0
+    assert counts("K AE T", "K AE T S", "K AE T") == {"ta": 3, "fr": 0, "fa": 0, "tr": 0, "cd": 0, "de": 0}
     # gaps where nobody inserts are not units (TA stays at 3)
-    assert counts("K AE T", "K AE T", "K AE T")["ta"] == 3
+    assert counts("K AE T", "K AE T", "K AE T", **ins)["ta"] == 3
 
 
-def test_unparseable_answer_rejects_everything() -> None:
-    # r = None: an empty transcript. c = a = K AE T -> 3 FR; with one annotated error it is TR.
+def test_unparseable_answer_is_a_total_failure() -> None:
+    # r = None: every judgement wrong. c = a = K AE T -> 3 FR; an annotated error is FA (missed),
+    # never TR (an empty transcript would have "found" it).
     assert counts("K AE T", "K AE T", None)["fr"] == 3
-    assert counts("K AE T", "K AH T", None) == {"ta": 0, "fr": 2, "fa": 0, "tr": 1, "cd": 0, "de": 1}
+    assert counts("K AE T", "K AH T", None) == {"ta": 0, "fr": 2, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    assert counts("K AE T", "K AH T", "") == {"ta": 0, "fr": 2, "fa": 0, "tr": 1, "cd": 0, "de": 1}
 
 
 def test_corpus_scores_sum_counts_first() -> None:
@@ -179,3 +183,188 @@ def test_alignment_prefers_vowel_for_vowel() -> None:
     # so the annotated substitution AE->AH is diagnosed at AE: c K AE T / a K AH T / r K AH
     # K: TA; AE: TR-CD; T: a=T (correct), r deleted -> FR.
     assert counts("K AE T", "K AH T", "K AH") == {"ta": 1, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+
+
+# ----------------------------------------------------------------------------- hand-worked rules
+#
+# One case per rule, worked out by hand from the definition (docs/metrics.md repeats them).
+# The annotation comes as the dataset gives it: one entry per canonical phone (``at``),
+# built from Speechocean762's mispronunciation indices; "" is a deletion, "X Y" means the
+# annotators heard X and an extra Y. Each case lists the standard figures (canonical phones
+# only: the headline) and the insertion-aware ones.
+
+NAN = float("nan")
+
+
+def figures(can: str, at: list[str], rec: str | None, ins: bool) -> tuple[dict[str, int], tuple[float, float, float]]:
+    ann = " ".join(" ".join(a.split()) for a in at if a)
+    u = score_utterance(can, ann, rec, count_insertions=ins, annotated_at=at)
+    c = u.counts
+    s = c.scores()
+    return ({"ta": c.ta, "fr": c.fr, "fa": c.fa, "tr": c.tr, "cd": c.cd, "de": c.de},
+            (s["precision"], s["recall"], s["f1"]))
+
+
+def check(got: tuple[float, float, float], want: tuple[float, float, float]) -> None:
+    for g, w in zip(got, want, strict=True):
+        if math.isnan(w):
+            assert math.isnan(g), got
+        else:
+            assert g == pytest.approx(w), got
+
+
+@pytest.mark.parametrize("ins", [False, True])
+def test_rule_substitution(ins: bool) -> None:
+    # SEVEN: c S EH V AH N, annotated V->W; recognised S IH W AH N.
+    # S TA; EH: a=EH correct, r=IH -> FR; V: a=W, r=W -> TR-CD; AH TA; N TA.
+    # TA 3, FR 1, TR 1 (CD 1): P = 1/(1+1) = 1/2, R = 1/(1+0) = 1, F1 = 2/3. No insertions: same both ways.
+    c, f = figures("S EH V AH N", ["S", "EH", "W", "AH", "N"], "S IH W AH N", ins)
+    assert c == {"ta": 3, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1 / 2, 1.0, 2 / 3))
+
+
+@pytest.mark.parametrize("ins", [False, True])
+def test_rule_deletion(ins: bool) -> None:
+    # STOP: c S T AA P, annotated T deleted ("" at index 1).
+    # recognised S AA P: T: a deleted, r deleted -> TR-CD. TA 3, TR 1: P = R = F1 = 1.
+    c, f = figures("S T AA P", ["S", "", "AA", "P"], "S AA P", ins)
+    assert c == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1.0, 1.0, 1.0))
+    # recognised S T AA: T: a deleted, r=T -> FA; P: a=P, r deleted -> FR.
+    # TA 2, FR 1, FA 1: P = 0/(0+1) = 0, R = 0/(0+1) = 0, F1 = 0.
+    c, f = figures("S T AA P", ["S", "", "AA", "P"], "S T AA", ins)
+    assert c == {"ta": 2, "fr": 1, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    check(f, (0.0, 0.0, 0.0))
+
+
+def test_rule_annotated_insertion() -> None:
+    # STOP said "S AH T AA B": at index 0 the annotators heard "S AH" (S, then an extra AH),
+    # at index 3 P->B. Recognised S T AA B (the extra AH missed).
+    at = ["S AH", "T", "AA", "B"]
+    # standard: S, T, AA TA; P: a=B, r=B -> TR-CD. TA 3, TR 1: P = R = F1 = 1.
+    c, f = figures("S T AA P", at, "S T AA B", False)
+    assert c == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1.0, 1.0, 1.0))
+    # insertion-aware: + gap 1 (after S): annotated [AH], recognised nothing -> FA.
+    # TA 3, FA 1, TR 1: P = 1/1 = 1, R = 1/(1+1) = 1/2, F1 = 2/3.
+    c, f = figures("S T AA P", at, "S T AA B", True)
+    assert c == {"ta": 3, "fr": 0, "fa": 1, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1.0, 1 / 2, 2 / 3))
+    # recognised S AH T AA B: the gap is TR-CD too -> TR 2: P = R = F1 = 1.
+    c, f = figures("S T AA P", at, "S AH T AA B", True)
+    assert c == {"ta": 3, "fr": 0, "fa": 0, "tr": 2, "cd": 2, "de": 0}
+
+
+def test_rule_recognised_insertion() -> None:
+    # STOP with P->B annotated, nothing inserted; recognised S AH T AA B.
+    # Recognised alignment: S=S, AH inserted, T=T, AA=AA, P~B (2 edits, the only minimum).
+    at = ["S", "T", "AA", "B"]
+    # standard: the insertion is not a unit. TA 3, TR 1 (CD): P = R = F1 = 1.
+    c, f = figures("S T AA P", at, "S AH T AA B", False)
+    assert c == {"ta": 3, "fr": 0, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1.0, 1.0, 1.0))
+    # insertion-aware: gap 1 annotated nothing, recognised [AH] -> FR.
+    # TA 3, FR 1, TR 1: P = 1/2, R = 1, F1 = 2/3.
+    c, f = figures("S T AA P", at, "S AH T AA B", True)
+    assert c == {"ta": 3, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1 / 2, 1.0, 2 / 3))
+
+
+@pytest.mark.parametrize("ins", [False, True])
+def test_rule_unk(ins: bool) -> None:
+    # SHOP: c SH AA P, annotated P-><unk>.
+    at = ["SH", "AA", "<unk>"]
+    # recognised SH AA P: P: a=<unk> (mispronounced), r=P -> FA. TA 2, FA 1:
+    # P = 0/0 undefined, R = 0/(0+1) = 0, F1 undefined.
+    c, f = figures("SH AA P", at, "SH AA P", ins)
+    assert c == {"ta": 2, "fr": 0, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    check(f, (NAN, 0.0, NAN))
+    # recognised SH <unk> <unk>: AA: a correct, r=<unk> (never the canonical phone) -> FR;
+    # P: a=<unk>, r=<unk> -> TR-CD. TA 1, FR 1, TR 1: P = 1/2, R = 1, F1 = 2/3.
+    c, f = figures("SH AA P", at, "SH <unk> <unk>", ins)
+    assert c == {"ta": 1, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1 / 2, 1.0, 2 / 3))
+
+
+@pytest.mark.parametrize("ins", [False, True])
+def test_rule_two_substitutions_in_one_word(ins: bool) -> None:
+    # QUIET: c K W AY AH T, annotated W->AY (index 1) and AY->AH (index 2), so what was heard
+    # is K AY AH AH T. Recognised K AY AY AH T: one substitution W~AY (the only 1-edit alignment).
+    # K TA; W: a=AY, r=AY -> TR-CD; AY: a=AH, r=AY (= canonical) -> FA; AH TA; T TA.
+    # TA 3, FA 1, TR 1: P = 1/1 = 1, R = 1/(1+1) = 1/2, F1 = 2/3.
+    at = ["K", "AY", "AH", "AH", "T"]
+    c, f = figures("K W AY AH T", at, "K AY AY AH T", ins)
+    assert c == {"ta": 3, "fr": 0, "fa": 1, "tr": 1, "cd": 1, "de": 0}
+    check(f, (1.0, 1 / 2, 2 / 3))
+
+
+def test_annotation_is_taken_from_indices_not_realigned() -> None:
+    # QUIET again, recognised K AY AH AH T (what was heard). The recognition is aligned:
+    # "W~AY, AY~AH" (2 edits, both paired) beats "W deleted, AH inserted" (2 edits, 2 unpaired).
+    # W: a=AY, r=AY -> TR-CD; AY: a=AH, r=AH -> TR-CD; K, AH, T TA. TA 3, TR 2: P = R = F1 = 1.
+    at = ["K", "AY", "AH", "AH", "T"]
+    c, f = figures("K W AY AH T", at, "K AY AH AH T", False)
+    assert c == {"ta": 3, "fr": 0, "fa": 0, "tr": 2, "cd": 2, "de": 0}
+    check(f, (1.0, 1.0, 1.0))
+    # From the indices, the annotation says AY (index 2) was said as AH, whatever an
+    # alignment would make of the transcript. Recognised K AY AY AH T then misses it (FA),
+    # as in test_rule_two_substitutions_in_one_word; an annotation read as "AY correct"
+    # would have called it TA.
+    c, _ = figures("K W AY AH T", at, "K AY AY AH T", False)
+    assert c["fa"] == 1 and c["ta"] == 3
+
+
+def test_rule_equal_cost_ties() -> None:
+    # 1. Vowel for vowel: c K AE T, annotated AE->AH; recognised K AH. "AE~AH, T deleted" and
+    #    "AE deleted, T~AH" both cost 2 edits with 1 substitution; the vowel pairing wins.
+    #    K TA; AE: a=AH, r=AH -> TR-CD; T: a=T, r deleted -> FR. TA 1, FR 1, TR 1:
+    #    P = 1/2, R = 1, F1 = 2/3 (both definitions: no insertions).
+    for ins in (False, True):
+        c, f = figures("K AE T", ["K", "AH", "T"], "K AH", ins)
+        assert c == {"ta": 1, "fr": 1, "fa": 0, "tr": 1, "cd": 1, "de": 0}
+        check(f, (1 / 2, 1.0, 2 / 3))
+    # 2. Most pairs: c S T, annotated S->Z; recognised T Z. "S~T, T~Z" (2 substitutions) and
+    #    "S deleted, T=T, Z inserted" both cost 2 edits; the one pairing every phone wins.
+    #    S: a=Z, r=T -> TR-DE; T: a=T, r=Z -> FR. TA 0, FR 1, TR 1: P = 1/2, R = 1, F1 = 2/3
+    #    (both definitions: nothing inserted).
+    for ins in (False, True):
+        c, f = figures("S T", ["Z", "T"], "T Z", ins)
+        assert c == {"ta": 0, "fr": 1, "fa": 0, "tr": 1, "cd": 0, "de": 1}
+        check(f, (1 / 2, 1.0, 2 / 3))
+    # 3. Still tied: walking back from the end, a pair beats a deletion, so the recognised B
+    #    pairs with the later B. c B EY B IY, annotated second B->P; recognised B IY.
+    #    B1: a=B, r deleted -> FR; EY: a=EY, r deleted -> FR; B2: a=P, r=B -> FA; IY TA.
+    #    TA 1, FR 2, FA 1, TR 0: P = 0/2 = 0, R = 0/1 = 0, F1 = 0 (both definitions).
+    for ins in (False, True):
+        c, f = figures("B EY B IY", ["B", "EY", "P", "IY"], "B IY", ins)
+        assert c == {"ta": 1, "fr": 2, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+        check(f, (0.0, 0.0, 0.0))
+
+
+def test_rule_unparseable() -> None:
+    # SEVEN with V->W, no parseable answer: S, EH, AH, N FR; V FA. TA 0, FR 4, FA 1, TR 0:
+    # P = 0/4 = 0, R = 0/1 = 0, F1 = 0.
+    c, f = figures("S EH V AH N", ["S", "EH", "W", "AH", "N"], None, False)
+    assert c == {"ta": 0, "fr": 4, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    check(f, (0.0, 0.0, 0.0))
+    # STOP said S AH T AA B, unparseable: standard FR 3 (S, T, AA), FA 1 (P);
+    # insertion-aware adds the missed insertion gap: FA 2.
+    c, _ = figures("S T AA P", ["S AH", "T", "AA", "B"], None, False)
+    assert c == {"ta": 0, "fr": 3, "fa": 1, "tr": 0, "cd": 0, "de": 0}
+    c, _ = figures("S T AA P", ["S AH", "T", "AA", "B"], None, True)
+    assert c == {"ta": 0, "fr": 3, "fa": 2, "tr": 0, "cd": 0, "de": 0}
+
+
+def test_corpus_of_rules_pools_counts() -> None:
+    # substitution (TA 3 FR 1 TR 1) + two substitutions (TA 3 FA 1 TR 1) + unparseable SEVEN
+    # (FR 4 FA 1): TR 2, FR 5, FA 2 -> P = 2/7, R = 2/4 = 1/2, F1 = 2*(2/7)(1/2)/(2/7+1/2) = 4/11.
+    out = mdd_scores([
+        ("S EH V AH N", "", "S IH W AH N", ["S", "EH", "W", "AH", "N"]),
+        ("K W AY AH T", "", "K AY AY AH T", ["K", "AY", "AH", "AH", "T"]),
+        ("S EH V AH N", "", None, ["S", "EH", "W", "AH", "N"]),
+    ])
+    assert out["counts"] == {"ta": 6, "fr": 5, "fa": 2, "tr": 2, "cd": 2, "de": 0}
+    assert out["precision"] == pytest.approx(2 / 7)
+    assert out["recall"] == pytest.approx(1 / 2)
+    assert out["f1"] == pytest.approx(4 / 11)
+    assert out["n_unparseable"] == 1 and out["definition"] == "standard"

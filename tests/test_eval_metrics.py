@@ -237,8 +237,10 @@ def test_compute_all_recomputes_separately_computed_metrics() -> None:
     assert res["summary"]["per"] == pytest.approx(
         jiwer.wer([r["reference"]["phoneme_transcript"] for r in mdd], hyp_p)
     )
+    # headline MDD: all utterances, an unparseable answer (None) a total failure
     m = mdd_scores(
-        [(r["canonical_phones"], r["annotated_phones"], h) for r, h in zip(mdd, hyp_p, strict=True)]
+        [(r["canonical_phones"], r["annotated_phones"], h if r["parsed"] else None)
+         for r, h in zip(mdd, hyp_p, strict=True)]
     )
     for k in ("f1", "precision", "recall"):
         assert res["summary"][k] == pytest.approx(m[k])
@@ -290,3 +292,39 @@ def test_compute_all_reparse_and_missing_tasks() -> None:
 
 def test_language_codes_with_region() -> None:
     assert "cer" in manifest_metrics(["我"], ["我"], "zh_CN") and bleu_tokenizer("zh-TW") == "zh"
+
+
+def test_all_unparseable_scores_zero_and_reports_parse_rate(tmp_path) -> None:
+    """A model that never answers gets headline F1 0 (not the recall 1 of an empty transcript)."""
+    from phi4mm_lora.evaluate.report import write_report
+
+    recs = [r for r in _records(2) if r["task"] in ("apa", "mdd")]
+    for r in recs:
+        r.update(raw="I cannot listen to audio.", parsed=None)
+    res = compute_all(recs)
+    assert res["summary"]["f1"] == 0.0 and res["summary"]["precision"] == 0.0 and res["summary"]["recall"] == 0.0
+    assert res["summary"]["wer"] == 1.0 and res["summary"]["per"] == 1.0
+    assert res["parse_rate"] == {"apa": 0.0, "mdd": 0.0}
+    assert res["mdd"]["parsed_only"]["n"] == 0
+    assert res["columns"][0]["n"] == 0 and res["columns"][0]["n_left_out"] == 40
+    report = write_report(res, recs, tmp_path)["report"].read_text()
+    table = report.split("## Results")[1].split("\n\n")[1]
+    assert "| MDD answers parsed | 0.000 |" in table and "| APA answers parsed | 0.000 |" in table
+    assert "| F1 | 0.000 |" in table
+    assert "(40 left out)" in table
+
+
+def test_parsed_only_figures_are_separate() -> None:
+    recs = [r for r in _records(3) if r["task"] == "mdd"]
+    res = compute_all(recs)
+    mdd = res["mdd"]
+    assert mdd["n_parsed"] == 36 and mdd["parse_rate"] == pytest.approx(0.9)
+    kept = [r for r in recs if r["parsed"]]
+    direct = mdd_scores([(r["canonical_phones"], r["annotated_phones"], r["parsed"]["phoneme_transcript"])
+                         for r in kept])
+    assert mdd["parsed_only"]["mdd"]["counts"] == direct["counts"]
+    assert mdd["parsed_only"]["per"]["per"] == pytest.approx(jiwer.wer(
+        [r["reference"]["phoneme_transcript"] for r in kept], [r["parsed"]["phoneme_transcript"] for r in kept]))
+    # leaving the failures out can only look better than counting them as total failures
+    assert mdd["parsed_only"]["mdd"]["f1"] >= mdd["mdd"]["f1"]
+    assert mdd["mdd_insertion_aware"]["definition"] == "insertion-aware"

@@ -159,7 +159,8 @@ def test_demo_command_short(tmp_path, capsys):
     before = json.loads((out / "eval-before" / "results.json").read_text())
     after = json.loads((out / "eval-after" / "results.json").read_text())
     assert before["mdd"]["n_total"] == after["mdd"]["n_total"] == 2
-    assert "before training" in log and "delta" in log
+    assert "before vs after training" in log and "held-out" in log and "trained-on" in log
+    assert (out / "eval-train-after" / "results.json").is_file() and (out / "demo.md").is_file()
     run = json.loads((out / "eval-after" / "run.json").read_text())
     assert str(out / "adapter") in json.dumps(run)  # the trained adapter is what was evaluated
     assert torch.isfinite(torch.tensor(json.loads((out / "summary.json").read_text())["final_loss"]))

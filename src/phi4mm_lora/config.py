@@ -175,8 +175,8 @@ class DataConfig(_Section):
 class PromptConfig(_Section):
     """Prompt texts: empty uses the project's files in phi4mm_lora/data/prompts/."""
 
-    apa: str | None = Field(None, description="File with the APA instruction.")
-    mdd: str | None = Field(None, description="File with the MDD instruction.")
+    apa: str | None = Field(None, description="File with the APA instruction, or 'short' (built-in two-line one).")
+    mdd: str | None = Field(None, description="File with the MDD instruction, or 'short' (built-in two-line one).")
 
 
 class TrainConfig(_Section):
@@ -204,7 +204,10 @@ class TrainConfig(_Section):
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
     save_every_steps: int | None = None
-    """Also write a checkpoint every N optimizer steps (one is always written at each epoch end)."""
+    """Also write a checkpoint every N optimizer steps (and at each epoch end unless save_every_epoch is off)."""
+    save_every_epoch: bool = True
+    """Checkpoint at the end of every epoch; off: only every save_every_steps (the final adapter is always
+    written). Many tiny epochs (the demo) would otherwise spend their time saving."""
     keep_checkpoints: int | None = Field(
         2,
         description="Keep only the newest N checkpoints (older ones are deleted once a newer one is "

@@ -17,7 +17,8 @@ from pathlib import Path
 DEMO_YAML = r"""# Demo: train the tiny test model on the bundled generated corpus (APA + MDD) on CPU.
 #   phi4mm-lora demo                      (this file, embedded in the package)
 #   phi4mm-lora train configs/demo.yaml   (the same run, by hand)
-# Takes at most ~3 minutes on a 2-core CPU, including building the tiny model on first use.
+# It shows learning, not skill: a random toy model learns a few recordings' answers by heart
+# (trained-on utterances) and the answer format (held-out speakers); see README.
 output_dir: runs/demo
 seed: 0
 precision: fp32
@@ -33,23 +34,28 @@ adapter:
   # embeddings too small to make confident logits; the real model does not need lm_head here
   target_modules: (model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj)))|lm_head
   trainable: unfreeze   # LoRA + audio encoder + audio projector (the paper's Unfreeze strategy)
+prompts:
+  apa: short            # two-line instructions: the toy model's two random layers do not learn
+  mdd: short            # to read the 600-token rubric in minutes (the real model gets the default)
 data:
   path: null            # empty: the bundled generated corpus (Speechocean762 layout)
   task: both
-  limit: 32             # utterances (x2 tasks = 64 examples): keeps the demo within 3 minutes
+  limit: 4              # utterances (x2 tasks = 8 examples), seen 160 times each
 train:
-  epochs: 8
+  epochs: 160
   batch_size: 4
   grad_accum: 1
-  lr: 0.001
+  lr: 0.002
   scheduler: constant
   max_grad_norm: null
   gradient_checkpointing: false
   group_by_length: true
-  log_every_steps: 16
+  log_every_steps: 40
   save_every_steps: null
+  save_every_epoch: false   # 160 two-step epochs: checkpointing each would cost more than training
 eval:
   during_training: false
+  max_new_tokens: 96    # the longest answer of the bundled corpus is 75 tokens
 """
 
 
@@ -112,44 +118,26 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The demo, step by step: config -> evaluate untrained -> train -> evaluate trained -> where to look."""
-    from phi4mm_lora.config import load_config
-    from phi4mm_lora.train import train
+    """The demo: config -> evaluate untrained -> train -> evaluate trained -> where to look."""
+    from rich.console import Console
 
-    t0 = time.perf_counter()
-    # Step 1: the embedded demo config, in a fresh run folder.
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.demo import learning_rows, render_learning_table, run_demo
+
     out = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "demo.yaml"
     cfg_file.write_text(DEMO_YAML)
     cfg = load_config(cfg_file, [f"output_dir={out}", *(args.overrides or [])])
     print(f"demo: training the tiny model on the bundled corpus (APA + MDD) into {out}")
-
-    # Step 2: score the untrained model on held-out speakers (the test split), as the paper's
-    # "untrained" row does.
-    from rich.console import Console
-
-    from phi4mm_lora.evaluate.report import render_table
-    from phi4mm_lora.evaluate.run import evaluate
-
-    n_eval = args.eval_limit
-    before = evaluate(cfg, split="test", limit=n_eval, output_dir=out / "eval-before", name="before training",
-                      progress=not args.no_progress)
-
-    # Step 3: train (builds the tiny model on first use).
-    result = train(cfg, evaluate_fn=None, progress=not args.no_progress)
-
-    # Step 4: the trained adapter on the same utterances, side by side with the untrained model.
-    after = evaluate(cfg, run=result.run_dir, split="test", limit=n_eval, output_dir=out / "eval-after", compare=before,
-                     name="after training", compare_name="before training", progress=not args.no_progress)
-    Console().print(render_table(after, compare=before, compare_name="before training"))
-    print(f"evaluation report: {out / 'eval-after' / 'report.md'}")
-
-    # Step 5: where to look.
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s: {_summary_line(result.summary)}")
-    print(f"loss curve: {result.summary['loss_curve']}")
-    print(f"adapter: {result.adapter_dir}")
-    print(f"metrics: {result.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {result.run_dir / 'tensorboard'})")
+    res = run_demo(cfg, out, args.eval_limit, progress=not args.no_progress)
+    Console().print(render_learning_table(learning_rows(res.before, res.after)))
+    print(f"summary: {out / 'demo.md'}; evaluation reports: {out / 'eval-train-after' / 'report.md'}, "
+          f"{out / 'eval-after' / 'report.md'}")
+    print(f"demo finished in {res.seconds:.0f} s: {_summary_line(res.train_summary)}")
+    print(f"loss curve: {res.train_summary['loss_curve']}")
+    print(f"adapter: {res.adapter_dir}")
+    print(f"metrics: {res.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {res.run_dir / 'tensorboard'})")
     return 0
 
 
@@ -210,10 +198,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bt.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     bt.set_defaults(handler=cmd_bench_train)
 
-    d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU (about 2-3 minutes)")
+    d = subparsers.add_parser("demo", help="train the tiny model on the bundled corpus on CPU and show what it learnt (a few minutes)")
     d.add_argument("--output", metavar="DIR", help="run folder (default runs/demo-<time>)")
-    d.add_argument("--eval-limit", type=int, default=24, metavar="N",
-                   help="test-split utterances scored before and after training (x2 tasks; default 24)")
+    d.add_argument("--eval-limit", type=int, default=8, metavar="N",
+                   help="held-out (test-split) utterances scored before and after training (x2 tasks; default 8); "
+                   "the trained-on utterances are scored too")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(handler=demo)

@@ -33,6 +33,7 @@ from phi4mm_lora.data.speechocean import (
     check_speaker_disjoint,
     default_extract_dir,
     read_speechocean,
+    resolve_source,
 )
 from phi4mm_lora.data.targets import apa_answer, mdd_answer
 from phi4mm_lora.errors import UserError
@@ -124,7 +125,7 @@ def build_examples(
         if not data_cfg.path:
             raise UserError("data.source=manifest needs data.path pointing at a .jsonl manifest")
         return _build_manifest(data_cfg, split, audio_token, image_token, workers)
-    path = Path(data_cfg.path).expanduser() if data_cfg.path else bundled_corpus_path()
+    path = resolve_source(data_cfg.path, bundled_corpus_path())
     if extract_dir is None and data_cfg.feature_cache:
         # hub audio bytes go next to the features the user already set aside disk for
         extract_dir = Path(data_cfg.feature_cache).expanduser() / "extracted" / default_extract_dir(path).name

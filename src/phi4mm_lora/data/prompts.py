@@ -31,10 +31,19 @@ def default_prompt_path(task: str) -> Path:
     return Path(str(resources.files("phi4mm_lora.data") / "prompts" / f"{task}.txt"))
 
 
+#: Built-in alternatives to the default instruction, chosen by name (``prompts.apa: short``).
+#: ``short``: two lines (the sentence and the JSON format), for the demo's toy model, whose two
+#: random layers do not learn to read a 600-token rubric in a few minutes.
+BUILTIN_VARIANTS = ("short",)
+
+
 def load_instruction(task: str, prompt_cfg: PromptConfig | None = None) -> str:
-    """The instruction text for a task: the user's file when configured, else the default."""
+    """The instruction text for a task: the user's file or a built-in variant, else the default."""
     user_file = getattr(prompt_cfg, task, None) if prompt_cfg is not None else None
-    path = Path(user_file).expanduser() if user_file else default_prompt_path(task)
+    if user_file in BUILTIN_VARIANTS and not Path(user_file).exists():
+        path = default_prompt_path(task).with_name(f"{task}-{user_file}.txt")
+    else:
+        path = Path(user_file).expanduser() if user_file else default_prompt_path(task)
     if not path.is_file():
         raise UserError(f"prompts.{task} file {path} not found; give an existing text file or leave it empty")
     text = read_text(path, "prompt file").strip()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,31 +214,84 @@ def _iter_arrow_batches_disk(path: Path) -> Iterator[tuple[str, object]]:
         yield from ((split, b) for b in d.data.table.to_batches(max_chunksize=256))
 
 
-def _split_from_parquet(f: Path, root: Path) -> str:
-    stem = f.stem.split("-")[0]
-    if stem and stem not in ("data", "part"):
-        return stem
-    return f.parent.name if f.parent != root else "train"
+def parquet_splits(path: Path) -> dict[str, list[Path]]:
+    """Parquet files per split, resolved by the datasets library's own layout conventions.
+
+    ``datasets.data_files.get_data_patterns`` is what ``load_dataset`` uses for a hub repo
+    or a local folder: ``data/<split>-00000-of-00001.parquet`` (the hub's layout), split
+    names in folder names (``default/<split>/0000.parquet``, the hub's auto-converted
+    parquet branch) or file names (``train.parquet``), and ``train`` when nothing names a
+    split. A single parquet file is its name's split (``test.parquet``), else ``train``.
+    """
+    if path.is_file():
+        stem = path.stem.split("-")[0].lower()
+        return {stem if stem in ("train", "test", "validation") else "train": [path]}
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+    except Exception as exc:  # EmptyDatasetError and friends: nothing datasets can read
+        raise UserError(f"{path}: no parquet split files found ({exc})") from None
+    files = DataFilesDict.from_patterns(patterns, base_path=str(path), allowed_extensions=[".parquet"])
+    return {str(split): sorted(Path(f) for f in found) for split, found in files.items() if len(found)}
 
 
 def _iter_arrow_batches_parquet(path: Path) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    for f in files:
-        try:
-            pf = pq.ParquetFile(str(f))
-        except Exception as exc:
-            raise UserError(f"{f} is not a readable parquet file ({exc})") from None
-        split = _split_from_parquet(f, path if path.is_dir() else f.parent)
-        yield from ((split, b) for b in pf.iter_batches(batch_size=256))
+    for split, files in parquet_splits(path).items():
+        for f in files:
+            try:
+                pf = pq.ParquetFile(str(f))
+            except Exception as exc:
+                raise UserError(f"{f} is not a readable parquet file ({exc})") from None
+            yield from ((split, b) for b in pf.iter_batches(batch_size=256))
 
 
-def default_extract_dir(source: Path) -> Path:
-    """Where embedded hub audio bytes are written (once): per-user cache, keyed by source path."""
+def _iter_arrow_batches_hub_id(repo_id: str) -> Iterator[tuple[str, object]]:
+    """(split, RecordBatch) of a hub dataset id through ``datasets.load_dataset``.
+
+    Offline (``HF_HUB_OFFLINE=1`` or no network) datasets reads the copy in its local
+    cache (``HF_DATASETS_CACHE``, by default ``~/.cache/huggingface/datasets``) that an
+    earlier online ``load_dataset`` left there. Audio stays undecoded: only the Arrow table
+    is read.
+    """
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(repo_id)
+    except Exception as exc:  # offline and not cached, unknown id, no access ...
+        raise UserError(
+            f"could not load the hub dataset {repo_id!r} ({type(exc).__name__}: {exc}); with no network it "
+            f"must already be in the datasets cache ({datasets.config.HF_DATASETS_CACHE}): run "
+            f"`python -c \"import datasets; datasets.load_dataset('{repo_id}')\"` once online, or set "
+            "data.path to a local folder (release, save_to_disk or parquet)"
+        ) from None
+    parts = dd.items() if isinstance(dd, datasets.DatasetDict) else [("train", dd)]
+    for split, d in parts:
+        yield from ((split, b) for b in d.data.table.to_batches(max_chunksize=256))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """``owner/name`` that is not an existing local path: a dataset id on the hub."""
+    return bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
+
+
+def default_extract_dir(source: Path | str) -> Path:
+    """Where embedded hub audio bytes are written (once): per-user cache, keyed by source path or id."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi4mm_lora" / "extracted"
-    key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:16]
-    return base / key
+    name = f"hub:{source}" if isinstance(source, str) else str(source.resolve())
+    return base / hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def resolve_source(data_path: str | None, default: Path) -> Path | str:
+    """``data.path`` as a local path, or kept as a string when it is a hub dataset id."""
+    if not data_path:
+        return default
+    return data_path if looks_like_hub_id(data_path) else Path(data_path).expanduser()
 
 
 def _stable_id(row: dict, split: str, index: int) -> str:
@@ -253,15 +307,20 @@ def _stable_id(row: dict, split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
-def read_hub(path: Path, extract_dir: Path | None = None) -> SourceData:
-    """Read a saved hub dataset; embedded audio bytes are written undecoded to ``extract_dir``."""
+def read_hub(path: Path | str, extract_dir: Path | None = None) -> SourceData:
+    """Read a hub dataset (local copy or ``owner/name`` id); audio bytes are written undecoded."""
     batches: Iterable[tuple[str, object]]
-    if path.is_dir() and not any(path.rglob("*.parquet")):
-        batches = _iter_arrow_batches_disk(path)
+    if isinstance(path, str):  # a hub id, through datasets.load_dataset
+        batches = _iter_arrow_batches_hub_id(path)
+        out_dir = extract_dir or default_extract_dir(path)
+        base_dir = Path.cwd()
     else:
-        batches = _iter_arrow_batches_parquet(path)
-    out_dir = extract_dir or default_extract_dir(path)
-    base_dir = path if path.is_dir() else path.parent
+        if path.is_dir() and not any(path.rglob("*.parquet")):
+            batches = _iter_arrow_batches_disk(path)
+        else:
+            batches = _iter_arrow_batches_parquet(path)
+        out_dir = extract_dir or default_extract_dir(path)
+        base_dir = path if path.is_dir() else path.parent
     utts: list[Utterance] = []
     problems: list[tuple[str | None, Problem]] = []
     seen: set[str] = set()
@@ -292,7 +351,7 @@ def read_hub(path: Path, extract_dir: Path | None = None) -> SourceData:
             except RecordError as exc:
                 kind = "empty_text" if "empty transcript" in str(exc) else "scores"
                 problems.append((split, Problem(kind, utt, str(exc))))
-    return SourceData(utts, problems, "hub")
+    return SourceData(utts, problems, "hub id" if isinstance(path, str) else "hub")
 
 
 def _materialise_audio(audio: object, utt: str, out_dir: Path, base_dir: Path) -> str:
@@ -323,10 +382,19 @@ def _materialise_audio(audio: object, utt: str, out_dir: Path, base_dir: Path) -
 
 
 def read_speechocean(path: str | Path, extract_dir: Path | None = None) -> SourceData:
-    """Detect the layout of ``path`` (release dir, save_to_disk folder, parquet) and read it."""
+    """Detect the layout of ``path`` and read it.
+
+    Layouts: the release folder; a ``save_to_disk`` folder; the hub's parquet files
+    (``data/train-*.parquet``) or its auto-converted ones (``default/<split>/*.parquet``);
+    or, as a string ``owner/name`` that is no local path, a hub dataset id loaded with
+    ``datasets.load_dataset`` (offline: from the local datasets cache).
+    """
+    if isinstance(path, str) and looks_like_hub_id(path):
+        return read_hub(path, extract_dir)
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"data path {p} does not exist; set data.path to a Speechocean762 folder")
+        raise UserError(f"data path {p} does not exist; set data.path to a Speechocean762 folder "
+                        "or a hub dataset id such as mispeech/speechocean762")
     if p.is_dir() and ((p / "resource").is_dir() or (p / "WAVE").is_dir()):
         return read_release(p)
     if is_hub_dir(p):

@@ -123,16 +123,26 @@ def parse_word(raw: dict, where: str) -> Word:
     return Word(text, phones, phone_scores, opt("accuracy"), opt("stress"), opt("total"), mis)
 
 
-def pronounced_phones(word: Word) -> list[str]:
-    """The word's phones as pronounced: substitutions applied, deletions dropped, no stress."""
+def annotated_by_position(word: Word) -> list[str]:
+    """What was heard for each canonical phone, from the mispronunciation indices.
+
+    One entry per canonical phone: the phone itself (no stress), the pronounced phone of a
+    substitution, ``""`` for a deletion, or several space-separated phones when the
+    annotation gives more than one (extra sounds next to the canonical phone). MDD scoring
+    uses this list as the canonical-to-annotated correspondence, so nothing is re-aligned.
+    """
     out = [normalise_phone(p) for p in word.phones]
-    deleted: set[int] = set()
     for m in word.mispronunciations or []:
         if m.pronounced.strip().lower() in DELETION_MARKS:
-            deleted.add(m.index)
+            out[m.index] = ""
         else:
-            out[m.index] = normalise_phone(m.pronounced)
-    return [p for i, p in enumerate(out) if i not in deleted]
+            out[m.index] = " ".join(normalise_phone(p) for p in m.pronounced.split())
+    return out
+
+
+def pronounced_phones(word: Word) -> list[str]:
+    """The word's phones as pronounced: substitutions applied, deletions dropped, no stress."""
+    return [p for entry in annotated_by_position(word) for p in entry.split()]
 
 
 def canonical_phones(word: Word) -> list[str]:

@@ -24,10 +24,15 @@ predictions.jsonl)::
       "parse_error": "..."             # optional: why parsed is None (else re-derived from raw)
     }
 
-Unparseable answers: APA ones are excluded from PCC (``n`` says how many were scored);
-MDD ones are scored as an **empty** transcript (all deletions for WER/PER, all phones
-rejected for MDD), because excluding them would reward a model for failing to answer;
-manifest ones likewise score as empty text. All are counted and listed per task.
+Unparseable answers never improve a score (``docs/metrics.md``). The headline figures are
+over **all** utterances: an unparseable MDD answer is a total failure - for WER/PER every
+reference word/phone is an error (scored as an empty hypothesis: N errors out of N), for
+MDD every judgement is wrong (mispronounced phones missed, correct ones rejected: see
+:mod:`phi4mm_lora.evaluate.mdd`). The parse rate sits next to them, and the same figures
+over the parsed answers only are reported separately (``parsed_only``), labelled as such.
+APA PCC can only use parsed answers: its ``n`` and ``n_left_out`` say how many were
+scored and how many were left out. Manifest answers that fail score as empty text. All
+failures are counted and listed per task.
 """
 
 from __future__ import annotations
@@ -195,14 +200,31 @@ def exact_match(refs: Sequence[str], hyps: Sequence[str | None]) -> dict[str, An
 
 
 def apa_metrics(preds: Sequence[dict[str, Any] | None], refs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """PCC per aspect over the parsed answers; ``None`` (unparseable) ones are excluded."""
+    """PCC per aspect over the parsed answers; each aspect reports ``n`` and ``n_left_out``."""
     pairs = [(p, r) for p, r in zip(preds, refs, strict=True) if p is not None]
     out: dict[str, Any] = {}
     for key in APA_KEYS:
         usable = [(p[key], r[key]) for p, r in pairs if key in p and r.get(key) is not None]
         out[key] = pcc([u[0] for u in usable], [u[1] for u in usable])
+        out[key]["n_left_out"] = sum(r.get(key) is not None for r in refs) - len(usable)
     out["n_total"] = len(refs)
     out["n_parsed"] = len(pairs)
+    out["parse_rate"] = len(pairs) / len(refs) if refs else math.nan
+    return out
+
+
+def _transcript_metrics(preds: Sequence[dict[str, Any] | None], refs: Sequence[dict[str, Any]],
+                        mdd_items: Sequence[tuple[Any, ...]] | None) -> dict[str, Any]:
+    """WER, PER and both MDD variants of one set of utterances (``None`` = unparseable)."""
+    hyp_words = [p.get("word_transcript", "") if p else "" for p in preds]
+    hyp_phones = [p.get("phoneme_transcript", "") if p else "" for p in preds]
+    out: dict[str, Any] = {
+        "wer": wer([r.get("word_transcript", "") for r in refs], hyp_words),
+        "per": per([r.get("phoneme_transcript", "") for r in refs], hyp_phones),
+    }
+    if mdd_items is not None:
+        out["mdd"] = mdd_scores(mdd_items)
+        out["mdd_insertion_aware"] = mdd_scores(mdd_items, count_insertions=True)
     return out
 
 
@@ -211,27 +233,41 @@ def mdd_metrics(
     refs: Sequence[dict[str, Any]],
     canonical: Sequence[Any] | None = None,
     annotated: Sequence[Any] | None = None,
+    annotated_at: Sequence[Sequence[str] | None] | None = None,
 ) -> dict[str, Any]:
-    """WER, PER and (with canonical phones) MDD precision/recall/F1.
+    """WER, PER and (with canonical phones) MDD precision/recall/F1, headline and parsed-only.
 
-    ``None`` predictions are empty transcripts. ``annotated`` defaults to the references'
-    phoneme transcripts. Utterances without canonical phones are left out of MDD only.
+    Headline (top-level keys): all utterances, an unparseable answer (``None``) a total
+    failure. ``parsed_only``: the same figures over the parsed answers alone. ``mdd`` is
+    the standard definition, ``mdd_insertion_aware`` the variant that also scores
+    insertions. ``annotated`` defaults to the references' phoneme transcripts;
+    ``annotated_at`` (per canonical phone, from the dataset's indices) is used where
+    given. Utterances without canonical phones are left out of MDD only.
     """
-    hyp_words = [p.get("word_transcript", "") if p else "" for p in preds]
-    hyp_phones = [p.get("phoneme_transcript", "") if p else "" for p in preds]
-    out: dict[str, Any] = {
-        "wer": wer([r.get("word_transcript", "") for r in refs], hyp_words),
-        "per": per([r.get("phoneme_transcript", "") for r in refs], hyp_phones),
-    }
     if annotated is None:
         annotated = [r.get("phoneme_transcript", "") for r in refs]
+    if annotated_at is None:
+        annotated_at = [None] * len(refs)
+    hyp_phones = [p.get("phoneme_transcript", "") if p else None for p in preds]
+    items = None
     if canonical is not None:
-        triples = [
-            (c, a, h) for c, a, h in zip(canonical, annotated, hyp_phones, strict=True) if c is not None
-        ]
-        out["mdd"] = mdd_scores(triples)
+        items = [(c, a, h, at) for c, a, h, at in zip(canonical, annotated, hyp_phones, annotated_at, strict=True)
+                 if c is not None]
+    out = _transcript_metrics(preds, refs, items)
+    if items is not None:
+        used = [at is not None for c, at in zip(canonical or [], annotated_at, strict=True) if c is not None]
+        out["annotation"] = ("dataset indices" if used and all(used) else
+                             "aligned" if not any(used) else "dataset indices where given, else aligned")
+    keep = [i for i, p in enumerate(preds) if p is not None]
+    parsed_items = None
+    if canonical is not None:
+        parsed_items = [(canonical[i], annotated[i], hyp_phones[i], annotated_at[i])
+                        for i in keep if canonical[i] is not None]
+    out["parsed_only"] = {**_transcript_metrics([preds[i] for i in keep], [refs[i] for i in keep], parsed_items),
+                          "n": len(keep)}
     out["n_total"] = len(refs)
-    out["n_parsed"] = sum(p is not None for p in preds)
+    out["n_parsed"] = len(keep)
+    out["parse_rate"] = len(keep) / len(refs) if refs else math.nan
     return out
 
 
@@ -318,7 +354,8 @@ def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dic
                 for r in recs
             ]
             has_canonical = any(c is not None for c in canonical)
-            results["mdd"] = mdd_metrics(values, refs, canonical if has_canonical else None, annotated)
+            results["mdd"] = mdd_metrics(values, refs, canonical if has_canonical else None, annotated,
+                                         [r.get("annotated_at") for r in recs])
         else:
             langs = sorted({str(r.get("language") or "") for r in recs})
             lang = langs[0] or None if len(langs) == 1 else None
@@ -339,6 +376,8 @@ def compute_all(records: Sequence[dict[str, Any]], reparse: bool = False) -> dic
     ordered: dict[str, Any] = {
         "summary": summary,
         "columns": _columns(results),
+        "parse_rate": {t: (f["total"] - f["count"]) / f["total"] if f["total"] else None
+                       for t, f in failures.items()},
         "parse_failure_counts": {t: f["count"] for t, f in failures.items()},
     }
     ordered.update((k, v) for k, v in results.items() if k != "summary")
@@ -370,6 +409,7 @@ def _columns(results: dict[str, Any]) -> list[dict[str, Any]]:
             aspect = next(a for a, s in _APA_SHORT.items() if f"{s}_pcc" == key)
             row["p_value"] = apa[aspect]["p_value"] if apa else None
             row["n"] = apa[aspect]["n"] if apa else 0
+            row["n_left_out"] = apa[aspect].get("n_left_out", 0) if apa else 0
             if apa and apa[aspect].get("note"):
                 row["note"] = apa[aspect]["note"]
         elif key in ("wer", "per"):

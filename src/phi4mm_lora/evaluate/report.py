@@ -79,6 +79,19 @@ def _n_by_key(results: dict[str, Any]) -> dict[str, Any]:
     return {c["key"]: c for c in results.get("columns") or []}
 
 
+def _n_text(c: dict[str, Any]) -> str:
+    """``n`` of a column, with how many utterances it left out (PCC: unparseable answers)."""
+    n = c.get("n", "-")
+    left = c.get("n_left_out")
+    return f"{n} ({left} left out)" if left else str(n)
+
+
+def parse_rate_rows(results: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(row label, parse rate) per task, for the same table as the headline metrics."""
+    return [(f"{task.upper() if task in ('apa', 'mdd') else task} answers parsed", rate)
+            for task, rate in (results.get("parse_rate") or {}).items()]
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -256,8 +269,12 @@ def _main_table(results: dict[str, Any], name: str) -> list[str]:
         c = cols.get(key, {})
         lines.append(
             f"| {COLUMN_NAMES[key]} | {_fmt(summary.get(key))} | {_fmt_p(c.get('p_value'))} "
-            f"| {c.get('n', '-')} | {_fmt(PAPER_REFERENCE[key])} |"
+            f"| {_n_text(c)} | {_fmt(PAPER_REFERENCE[key])} |"
         )
+    fails = results.get("parse_failures") or {}
+    for label, rate in parse_rate_rows(results):
+        task = label.split(" ")[0].lower()
+        lines.append(f"| {label} | {_fmt(rate)} | - | {(fails.get(task) or {}).get('total', '-')} | - |")
     return lines
 
 
@@ -277,6 +294,11 @@ def compare_table(
             f"| {COLUMN_NAMES[key]} | {_fmt(old.get(key))} | {_fmt(new.get(key))} | {d_txt} "
             f"| {_fmt(PAPER_REFERENCE[key])} |"
         )
+    rates_old = dict(parse_rate_rows(compare))
+    for label, rate in parse_rate_rows(results):
+        old_rate = rates_old.get(label)
+        d_txt = "-" if rate is None or old_rate is None else f"{rate - old_rate:+.3f}"
+        lines.append(f"| {label} | {_fmt(old_rate)} | {_fmt(rate)} | {d_txt} | - |")
     fails_new = results.get("parse_failure_counts") or {}
     fails_old = compare.get("parse_failure_counts") or {}
     for task in sorted(set(fails_new) | set(fails_old)):
@@ -296,7 +318,9 @@ def _failures_section(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {task} | {f['count']} | {f['total']} |")
     lines.append("")
     lines.append(
-        "APA: excluded from PCC (see n). MDD and free-text tasks: scored as an empty answer (all deletions)."
+        "APA: left out of PCC (see n). MDD: a total failure in the headline (every word and phone wrong, "
+        "every mispronunciation missed); see the parsed-only figures for the rest. Free-text tasks: "
+        "scored as an empty answer."
     )
     lines.append("")
     for task, f in fails.items():
@@ -320,18 +344,53 @@ def _failures_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mdd_counts_rows(mdd: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, label in (("mdd", "standard (headline)"), ("mdd_insertion_aware", "insertion-aware")):
+        m = mdd.get(key)
+        if not m:
+            continue
+        c = m["counts"]
+        rows.append(f"| {label} | {c['ta']} | {c['fr']} | {c['fa']} | {c['tr']} | {c['cd']} | {c['de']} "
+                    f"| {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(m.get('f1'))} "
+                    f"| {_fmt(m.get('diagnosis_accuracy'))} |")
+    return rows
+
+
+def _parsed_only_section(mdd: dict[str, Any]) -> list[str]:
+    po = mdd.get("parsed_only")
+    if not po:
+        return []
+    m = po.get("mdd") or {}
+    return [
+        "## MDD over parsed answers only (not the headline)",
+        "",
+        f"{po['n']} of {mdd['n_total']} MDD answers parsed. These figures leave the unparseable answers out, "
+        "so they are not comparable with the headline or the paper.",
+        "",
+        "| | WER | PER | F1 | P | R | F1 insertion-aware |",
+        "|---|---|---|---|---|---|---|",
+        f"| parsed only | {_fmt(po['wer'].get('wer'))} | {_fmt(po['per'].get('per'))} | {_fmt(m.get('f1'))} "
+        f"| {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} "
+        f"| {_fmt((po.get('mdd_insertion_aware') or {}).get('f1'))} |",
+        "",
+    ]
+
+
 def _details(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     mdd = results.get("mdd")
     if mdd and "mdd" in mdd:
-        c = mdd["mdd"]["counts"]
         lines += [
             "## MDD detail",
             "",
-            "| TA | FR | FA | TR | CD | DE | diagnosis accuracy (CD/TR) |",
-            "|---|---|---|---|---|---|---|",
-            f"| {c['ta']} | {c['fr']} | {c['fa']} | {c['tr']} | {c['cd']} | {c['de']} "
-            f"| {_fmt(mdd['mdd'].get('diagnosis_accuracy'))} |",
+            "Standard: per canonical phone (the paper's and the MDD literature's definition; the headline). "
+            "Insertion-aware: also one unit per gap where the annotation or the model inserted phones. "
+            f"Canonical-to-annotated correspondence: {mdd.get('annotation', 'aligned')}. See docs/metrics.md.",
+            "",
+            "| definition | TA | FR | FA | TR | CD | DE | P | R | F1 | diagnosis accuracy (CD/TR) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *_mdd_counts_rows(mdd),
             "",
         ]
         if mdd["mdd"].get("note"):
@@ -347,8 +406,9 @@ def _details(results: dict[str, Any]) -> list[str]:
             f"| {p.get('insertions', '-')} | {p.get('n_ref_tokens', '-')} |",
             "",
         ]
+        lines += _parsed_only_section(mdd)
     for task, block in results.items():
-        if task in ("summary", "columns", "parse_failure_counts", "parse_failures", "apa", "mdd"):
+        if task in ("summary", "columns", "parse_rate", "parse_failure_counts", "parse_failures", "apa", "mdd"):
             continue
         if not isinstance(block, dict):
             continue
@@ -393,8 +453,10 @@ def write_report(
         md += ["delta = this run - baseline; (+) better, (-) worse (lower WER/PER is better).", ""]
     md += ["## Results (Table 3 columns)", ""] + _main_table(results, name) + [""]
     md += [
-        "PCC: Pearson r between predicted and human sentence scores; n counts the parsed answers.",
-        "WER/PER: (S+D+I)/N over all utterances; F1/P/R: MDD against the annotated phones.",
+        "PCC: Pearson r between predicted and human sentence scores over the parsed answers "
+        "(n; unparseable ones left out and counted).",
+        "WER/PER: (S+D+I)/N over all utterances; F1/P/R: MDD per canonical phone (standard definition) "
+        "over all utterances. An unparseable MDD answer counts as a total failure in all of them.",
         f"The reference column is {PAPER_REFERENCE_NAME}: Ahn & Nam 2025, Table 3, Speechocean762 test.",
         "",
     ]
@@ -444,7 +506,18 @@ def render_table(
             d, mark = delta(key, summary.get(key), _summary(compare).get(key))
             colour = {"+": "green", "-": "red"}.get(mark, "white")
             row.append("-" if d is None else f"[{colour}]{d:+.3f}[/{colour}]")
-        row += [_fmt_p(c.get("p_value")), str(c.get("n", "-")), _fmt(PAPER_REFERENCE[key])]
+        row += [_fmt_p(c.get("p_value")), _n_text(c), _fmt(PAPER_REFERENCE[key])]
+        table.add_row(*row)
+    old_rates = dict(parse_rate_rows(compare)) if compare is not None else {}
+    for label, rate in parse_rate_rows(results):
+        row = [label]
+        if compare is not None:
+            row.append(_fmt(old_rates.get(label)))
+        row.append(_fmt(rate))
+        if compare is not None:
+            o = old_rates.get(label)
+            row.append("-" if rate is None or o is None else f"{rate - o:+.3f}")
+        row += ["-", "-", "-"]
         table.add_row(*row)
     fails = results.get("parse_failure_counts") or {}
     if fails:

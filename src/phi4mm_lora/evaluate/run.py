@@ -27,7 +27,7 @@ from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples, bundled_corpus_path
-from phi4mm_lora.data.targets import canonical_phones
+from phi4mm_lora.data.targets import annotated_by_position, canonical_phones
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
@@ -42,17 +42,25 @@ EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "w
 
 
 def _utterance_info(cfg: RunConfig, utt_ids: set[str]) -> dict[str, dict[str, Any]]:
-    """Canonical phones and human accuracy per utterance (Speechocean sources only)."""
+    """Canonical phones, the per-phone annotation and human accuracy (Speechocean sources only).
+
+    ``annotated_at`` holds one entry per canonical phone, taken from the dataset's
+    mispronunciation indices, so MDD scoring never re-aligns the annotation.
+    """
     if cfg.data.source != "speechocean" or not utt_ids:
         return {}
-    from phi4mm_lora.data.speechocean import read_speechocean
+    from phi4mm_lora.data.speechocean import default_extract_dir, read_speechocean, resolve_source
 
-    path = Path(cfg.data.path).expanduser() if cfg.data.path else bundled_corpus_path()
+    path = resolve_source(cfg.data.path, bundled_corpus_path())
+    extract_dir = None
+    if cfg.data.feature_cache:  # the same extraction folder build_examples used
+        extract_dir = Path(cfg.data.feature_cache).expanduser() / "extracted" / default_extract_dir(path).name
     info = {}
-    for u in read_speechocean(path).utterances:
+    for u in read_speechocean(path, extract_dir).utterances:
         if u.utt_id in utt_ids:
             canon = [p for w in u.words for p in canonical_phones(w)]
             info[u.utt_id] = {"canonical_phones": " ".join(canon) if canon else None,
+                              "annotated_at": [a for w in u.words for a in annotated_by_position(w)],
                               "accuracy": u.scores.get("accuracy")}
     return info
 
@@ -79,6 +87,8 @@ def build_record(ex: Example, gen: Generation, info: dict[str, Any] | None = Non
             if info.get("accuracy") is not None:
                 ref["accuracy"] = info["accuracy"]
             rec["canonical_phones"] = info.get("canonical_phones")
+            if info.get("annotated_at") is not None:
+                rec["annotated_at"] = info["annotated_at"]
             rec["annotated_phones"] = ref.get("phoneme_transcript", "")
         rec["reference"] = ref
     else:
@@ -237,6 +247,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float | int | None]:
     for task, n in (results.get("parse_failure_counts") or {}).items():
         flat[f"parse_failures_{task}"] = n
     flat["parse_failures"] = sum((results.get("parse_failure_counts") or {}).values())
+    for task, rate in (results.get("parse_rate") or {}).items():
+        flat[f"parse_rate_{task}"] = rate
     return flat
 
 

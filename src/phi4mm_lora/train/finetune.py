@@ -525,7 +525,7 @@ def _train(
 
         epoch_done = last == spe
         if epoch_done:
-            if not (tc.save_every_steps and global_step % tc.save_every_steps == 0):
+            if tc.save_every_epoch and not (tc.save_every_steps and global_step % tc.save_every_steps == 0):
                 last_ckpt = save_checkpoint(epoch + 1, 0)
                 say(f"checkpoint {last_ckpt} (end of epoch {epoch + 1})")
             if evaluate_fn is not None and cfg.eval.during_training and not distributed.can_evaluate_on_main(accelerator):

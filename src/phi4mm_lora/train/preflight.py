@@ -24,6 +24,9 @@ from phi4mm_lora.fileio import check_weight_files, check_writable_dir, read_text
 from phi4mm_lora.train import checkpoint as ckpt
 from phi4mm_lora.train.runlock import owner_of
 
+#: ``owner/name``: a hub dataset id (the data layer loads it with datasets.load_dataset).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
 #: Settings a resume may change freely: they change neither the numbers nor the data order.
 FREE_ON_RESUME = ("output_dir", "model.device", "model.attn_implementation", "train.log_every_steps",
                   "train.save_every_steps", "train.keep_checkpoints", "train.num_workers",
@@ -176,13 +179,15 @@ def _paths(cfg: RunConfig, config_file: str | Path | None, run_dir: Path) -> lis
                         f"but null; pass e.g. {missing[0]}=...")
     if cfg.data.source == "manifest" and not cfg.data.path and "data.path" not in missing:
         problems.append("data.source=manifest needs data.path pointing at a .jsonl manifest")
-    elif cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+    elif cfg.data.path and not Path(cfg.data.path).expanduser().exists() and not _HUB_ID.match(cfg.data.path):
         problems.append(f"data.path {cfg.data.path} does not exist")
     check(check_writable_dir, run_dir, "output_dir")
     check(check_model_folder, cfg.model.path)
+    from phi4mm_lora.data.prompts import BUILTIN_VARIANTS  # here: data/__init__ imports numpy and soundfile
+
     for key in ("apa", "mdd"):
         f = getattr(cfg.prompts, key)
-        if f and not Path(f).expanduser().is_file():
+        if f and f not in BUILTIN_VARIANTS and not Path(f).expanduser().is_file():
             problems.append(f"prompts.{key} file {f} not found")
     if cfg.adapter.init_from:
         check(check_adapter_folder, cfg.adapter.init_from, "adapter.init_from")
