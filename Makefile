@@ -41,7 +41,7 @@ $(COMPAT_SITE)/.installed: Makefile $(VENV)/.installed
 
 # Full suite on the newest versions, then the compat subset on the oldest transformers/peft.
 test: install $(COMPAT_SITE)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	$(MAKE) --no-print-directory test-compat
 
 test-compat: install $(COMPAT_SITE)/.installed
