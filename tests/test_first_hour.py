@@ -172,7 +172,10 @@ def test_hparams_and_mid_epoch_evaluation(run) -> None:
     content = ea.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hp = {k: v for k, v in start.session_start_info.hparams.items()}
-    assert hp["train.lr"].number_value == pytest.approx(1e-3)
+    import yaml
+
+    run_cfg = yaml.safe_load((out / "config.yaml").read_text())  # the hparams are the run's own config
+    assert hp["train.lr"].number_value == pytest.approx(run_cfg["train"]["lr"])
     assert hp["adapter.mode"].string_value == "fresh" and hp["train.max_steps"].number_value == 2
     assert hp["model.path"].string_value  # every config key, dotted
     scalars = set(ea.Tags()["scalars"])
