@@ -7,8 +7,9 @@ threads) so a long run never dies on a bad sample, and returns the examples plus
 :class:`DataReport` that names everything skipped.
 
 Collator contract: for an :class:`Example` ``ex`` the training text is
-``"<|user|>" + ex.prompt + "<|end|><|assistant|>" + ex.answer + "<|end|>"`` with the loss on
-the answer part only; ``ex.prompt`` already holds exactly one audio token where the audio
+:func:`~phi4mm_lora.data.prompts.training_text` of ``ex.prompt`` and ``ex.answer``
+(``<|user|>{prompt}<|end|><|assistant|>{answer}<|end|>`` for Phi-4) with the loss on the
+answer part only; ``ex.prompt`` already holds exactly one audio token where the audio
 goes (and one image token for image examples); decode ``ex.audio_path`` with
 :func:`phi4mm_lora.data.audio.load_audio` or read cached features from
 :class:`phi4mm_lora.data.cache.FeatureCache`.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from phi4mm_lora.config import DataConfig, PromptConfig
 from phi4mm_lora.data.audio import AudioError, probe_audio
-from phi4mm_lora.data.manifest import read_manifest, render_prompt
+from phi4mm_lora.data.manifest import insert_media_tokens, read_manifest
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.data.report import DataReport, Problem
 from phi4mm_lora.data.speechocean import (
@@ -179,7 +180,7 @@ def _build_manifest(
         if kind is not None:
             report.add(kind, it.id, detail or "")
             continue
-        prompt = render_prompt(it.prompt, it.audio_path is not None, it.image_path is not None,
+        prompt = insert_media_tokens(it.prompt, it.audio_path is not None, it.image_path is not None,
                                audio_token, image_token)
         examples.append(Example(
             id=it.id, utt_id=it.id, task="manifest", audio_path=it.audio_path, image_path=it.image_path,
