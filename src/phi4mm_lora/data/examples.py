@@ -36,11 +36,33 @@ from phi4mm_lora.data.speechocean import (
     read_speechocean,
     resolve_source,
 )
-from phi4mm_lora.data.targets import apa_answer, mdd_answer
+from phi4mm_lora.data.targets import annotated_by_position, apa_answer, canonical_phones, mdd_answer
 from phi4mm_lora.errors import UserError
 
 DEFAULT_AUDIO_TOKEN = "<|endoftext11|>"
 DEFAULT_IMAGE_TOKEN = "<|endoftext10|>"
+
+
+@dataclass(frozen=True)
+class PhoneReference:
+    """What MDD evaluation needs beyond the answer, read with the example (never re-read).
+
+    ``canonical_phones``: what should have been said (dictionary phones, no stress);
+    ``annotated_at``: what the annotators heard for each canonical phone (one entry each, from
+    the dataset's mispronunciation indices, see :func:`~phi4mm_lora.data.targets.annotated_by_position`);
+    ``accuracy``: the human sentence accuracy score (for PER against accuracy).
+    """
+
+    canonical_phones: str | None
+    annotated_at: tuple[str, ...]
+    accuracy: float | None = None
+
+
+def phone_reference(u: Utterance) -> PhoneReference:
+    """The :class:`PhoneReference` of a Speechocean762 utterance."""
+    canon = [p for w in u.words for p in canonical_phones(w)]
+    return PhoneReference(" ".join(canon) if canon else None,
+                          tuple(a for w in u.words for a in annotated_by_position(w)), u.scores.get("accuracy"))
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,7 @@ class Example:
     speaker: str | None
     duration: float | None
     language: str | None = None  # manifest tasks: language of the answer, for CER / BLEU
+    reference: PhoneReference | None = None  # Speechocean MDD examples: for the MDD metrics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,6 +182,7 @@ def build_examples(
                 id=f"{u.utt_id}:{t}", utt_id=u.utt_id, task=t, audio_path=u.audio_path, image_path=None,
                 prompt=user_prompt(t, instructions[t], audio_token, u.text), answer=answer,
                 split=split, speaker=u.speaker, duration=duration,
+                reference=phone_reference(u) if t == "mdd" else None,
             ))
     report.n_examples = len(examples)
     report.raise_if_strict(data_cfg.strict)
