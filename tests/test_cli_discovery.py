@@ -213,6 +213,7 @@ LIBRARY_COMMAND = {
     "train/preflight.py": ("train", "validate"),  # the checks both run before loading a model
     "export/__init__.py": "export",
     "export/card.py": "export",
+    "serve/service.py": "serve",       # the address check runs before the model loads
     "model/run_folder.py": ("evaluate", "score", "serve", "export"),  # every command that opens a run
 }
 #: cli modules whose handlers serve a command another module registers.

@@ -14,10 +14,10 @@ from phi4mm_lora.data.collate import (
     BadSampleError,
     Collator,
     batch_plan,
-    chat_text,
     estimate_length,
 )
 from phi4mm_lora.data.examples import Example, build_examples
+from phi4mm_lora.data.prompts import training_text
 from phi4mm_lora.model.load import load_processor
 from phi4mm_lora.model.tiny import ensure_tiny
 
@@ -91,7 +91,7 @@ def test_audio_tokens_expanded_and_text_matches_chat_template(processor, mixed):
     ex = mixed[0]
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer}], tokenize=False)
-    assert rendered == chat_text(ex)
+    assert rendered == training_text(ex.prompt, ex.answer, tok)
     batch = Collator(processor)([ex])
     n_audio = int((batch["input_ids"] == processor.audio_token_id).sum())
     assert n_audio == int(batch["audio_embed_sizes"][0]) > 1

@@ -209,3 +209,34 @@ def test_evaluate_manifest_task_reports_cer_and_bleu_for_its_language(tmp_path: 
     assert results == json.loads(json.dumps(compute_all(preds)))
     m = results["manifest"]
     assert "cer" in m and m["bleu"]["tokenizer"] == "zh"
+
+
+def test_evaluate_reads_the_data_once_and_writes_the_report_once(loaded, tiny_native: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """One read of the dataset (the MDD references come with the examples), one write of report.md
+    holding the run section (the real reader and writer, counted)."""
+    import phi4mm_lora.data.examples as examples_mod
+    import phi4mm_lora.data.speechocean as speechocean
+    from phi4mm_lora.evaluate.run import evaluate
+
+    reads, writes = [], []
+    real_read, real_write = speechocean.read_speechocean, Path.write_text
+    for mod in (speechocean, examples_mod):
+        monkeypatch.setattr(mod, "read_speechocean", lambda *a, **kw: reads.append(a) or real_read(*a, **kw))
+
+    def write_text(self, data, *a, **kw):
+        writes.append((self.name, data))
+        return real_write(self, data, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    cfg = load_config(None, [f"model.path={tiny_native}", *SMALL])
+    out = tmp_path / "eval"
+    evaluate(cfg, loaded=loaded, limit=1, output_dir=out, progress=False)
+    assert len(reads) == 1
+    [written] = [data for name, data in writes if name == "report.md"]
+    report = (out / "report.md").read_text()
+    assert written == report  # nothing appended afterwards
+    assert report.count("## Run") == 1 and "- generation:" in report and report.endswith("\n")
+    [mdd] = [r for r in load_predictions(out / "predictions.jsonl") if r["task"] == "mdd"]
+    assert mdd["canonical_phones"] and len(mdd["annotated_at"]) == len(mdd["canonical_phones"].split())
+    assert mdd["reference"]["accuracy"] is not None

@@ -145,3 +145,47 @@ def test_python_api_takes_a_run(run_dir: Path, base_copy: Path, flac: Path) -> N
     assert by_path["provenance"]["model"].startswith(str(base_copy))
     assert by_run["provenance"]["adapter"] == str(run_dir / "checkpoints" / "step-00000004" / "adapter")
     assert by_run["apa_raw"] == by_path["apa_raw"]  # the checkpoint holds the same weights as the final adapter
+
+
+def test_every_entry_takes_a_run_like_the_cli(run_dir: Path, base_copy: Path, flac: Path, tmp_path: Path,
+                                              capsys) -> None:
+    """score, score_rows (score --batch) and the service, given run=RUN from Python, answer
+    exactly what the CLI answers with --adapter RUN (same base model, adapter, prompts)."""
+    import io
+
+    import soundfile as sf
+    from starlette.testclient import TestClient
+
+    from phi4mm_lora.evaluate.batch import read_rows, score_rows
+    from phi4mm_lora.evaluate.score import score
+    from phi4mm_lora.serve.service import create_service
+
+    text, small = "we call it bear", ["eval.max_new_tokens=4"]
+    assert main(["score", "--adapter", str(run_dir), "--text", text, "--json", str(flac), *small]) == 0
+    [by_cli] = json.loads(capsys.readouterr().out)
+    [by_api] = score(load_config(None, small), [flac], text, run=run_dir)
+    assert by_api == by_cli
+    assert by_api["provenance"]["model"].startswith(str(base_copy))
+
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"audio,text\n{flac},{text}\n")
+    assert main(["score", "--batch", str(listing), "--adapter", str(run_dir), "--output", str(tmp_path / "cli.jsonl"),
+                 "--no-progress", *small]) == 0
+    summary = score_rows(load_config(None, small), None, read_rows(listing), tmp_path / "api.jsonl", progress=False,
+                         run=Run.open(run_dir))
+    cli_rows = [json.loads(line) for line in (tmp_path / "cli.jsonl").read_text().splitlines()]
+    api_rows = [json.loads(line) for line in (tmp_path / "api.jsonl").read_text().splitlines()]
+    assert api_rows == cli_rows and summary["provenance"] == by_cli["provenance"]
+    assert {k: v for k, v in api_rows[0].items() if k not in ("row", "error")} == by_cli
+
+    service = create_service(load_config(None, small), run=run_dir, sentences=[])
+    buf = io.BytesIO()
+    samples, sr = sf.read(flac)
+    sf.write(buf, samples, sr, format="WAV")
+    with TestClient(service.app) as client:
+        resp = client.post("/score", files={"audio": ("rec.wav", buf.getvalue())}, data={"text": text})
+    assert resp.status_code == 200, resp.text
+    served = resp.json()
+    assert service.provenance == by_cli["provenance"]
+    assert (served["apa_raw"], served["mdd_raw"], served["scores"]) == (by_cli["apa_raw"], by_cli["mdd_raw"],
+                                                                          by_cli["scores"])

@@ -60,6 +60,27 @@ def test_score_json_wav_and_flac(tiny_native: Path, stereo_wav: Path, corpus_fla
         assert r["apa_raw"] and r["mdd_raw"]
 
 
+def test_each_recording_is_decoded_once(tiny_native: Path, stereo_wav: Path, corpus_flac: Path, monkeypatch,
+                                        capsys) -> None:
+    """The input check decodes; generation uses those samples (the real decoder, counted)."""
+    import phi4mm_lora.data.audio as audio
+    import phi4mm_lora.evaluate.generate as generate
+    import phi4mm_lora.evaluate.score as score_mod
+
+    real, calls = audio.load_audio, []
+
+    def counted(path, *a, **kw):
+        calls.append(str(path))
+        return real(path, *a, **kw)
+
+    for mod in (audio, generate, score_mod):
+        monkeypatch.setattr(mod, "load_audio", counted)
+    assert main(["score", "--model", str(tiny_native), "--text", "we call it bear", "--json",
+                 str(stereo_wav), str(corpus_flac), "eval.max_new_tokens=2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert sorted(calls) == sorted([str(stereo_wav), str(corpus_flac)])
+
+
 def test_score_table_output(tiny_native: Path, corpus_flac: Path, capsys) -> None:
     assert main(["score", "--model", str(tiny_native), "--text", "we call it zorblax", str(corpus_flac),
                  "eval.max_new_tokens=4"]) == 0

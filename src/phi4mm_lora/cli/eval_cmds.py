@@ -94,21 +94,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     args.overrides = overrides
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")
-    cfg = run_config(args)
+    base_cfg = cfg = run_config(args)
     run = None
     if args.adapter:
         from phi4mm_lora.model.run_folder import Run
 
         run = Run.open(args.adapter)
-        cfg = run.configure(cfg)
+        cfg = run.configure(base_cfg)  # a missing base model is named before anything else runs
     compare = load_results(Path(args.compare)) if args.compare else None  # fail before loading the model
     out = eval_output_dir(cfg, run, args.output, args.split or cfg.data.eval_split)
     # stderr under --json, so stdout stays one JSON document
     (Console(stderr=True) if args.json else console).print(f"evaluation of split {args.split or cfg.data.eval_split!r} "
                                                            f"goes to {out}")
-    results = evaluate(cfg, split=args.split, limit=args.limit, output_dir=out, compare=compare,
-                       name=run.name if run is not None else "this run", progress=not args.no_progress,
-                       compare_name=_name(args.compare))
+    results = evaluate(base_cfg, split=args.split, limit=args.limit, output_dir=out, compare=compare,
+                       progress=not args.no_progress, compare_name=_name(args.compare), run=run)
     if args.compare:
         results["meta"]["compare"] = str(args.compare)
     if args.json:
@@ -155,7 +154,7 @@ def _name(compare: str | None) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from phi4mm_lora.evaluate.score import check_inputs, render, score
+    from phi4mm_lora.evaluate.score import render, score
 
     _positional_overrides(args)
     if not args.batch and (args.sentences or args.output):
@@ -164,13 +163,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         from phi4mm_lora.cli.service_cmds import cmd_score_batch
 
         return cmd_score_batch(args)
-    cfg = run_config(args)
-    check_inputs(args.audio, args.text)  # before the adapter and model are loaded
-    if args.adapter:
-        from phi4mm_lora.model.run_folder import Run
-
-        cfg = Run.open(args.adapter).configure(cfg)
-    results = score(cfg, args.audio, args.text)
+    results = score(run_config(args), args.audio, args.text, run=args.adapter)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return 0

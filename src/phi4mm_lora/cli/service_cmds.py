@@ -1,14 +1,14 @@
 """``serve`` (the HTTP service and web page) and ``score --batch`` (many recordings to a file).
 
 Both load the model once and score through :func:`phi4mm_lora.evaluate.score.score_batch`;
-the library code lives in :mod:`phi4mm_lora.serve` and :mod:`phi4mm_lora.evaluate.batch`.
+the handlers only check flags and pass ``--adapter`` on as ``run=`` to the library functions
+:func:`phi4mm_lora.serve.service.serve` and :func:`phi4mm_lora.evaluate.batch.score_rows`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from typing import Any
 from rich.console import Console
 
 from phi4mm_lora.cli.common import add_run_args, run_config
-from phi4mm_lora.config import RunConfig
 from phi4mm_lora.errors import UserError
 
 console = Console(stderr=True)
@@ -44,65 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_serve)
 
 
-def _configured(args: argparse.Namespace) -> RunConfig:
-    """The run config; with ``--adapter RUN`` the run's adapter on the run's base model (``--model`` wins)."""
-    cfg = run_config(args)
-    if not getattr(args, "adapter", None):
-        return cfg
-    from phi4mm_lora.model.run_folder import Run
-
-    return Run.open(args.adapter).configure(cfg)
-
-
-def _check_port(host: str, port: int) -> None:
-    """Fail before the (slow) model load when the address cannot be used."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a port number (0-65535)")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UserError(f"--host {host} is not an address of this machine ({exc.strerror})") from None
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another with --port") from None
-
-
-def _example_sentences(limit: int = 40) -> list[str]:
-    """Sentences of the bundled corpus's test split, for the page's picker."""
-    from phi4mm_lora.data.examples import bundled_corpus_path
-
-    f = bundled_corpus_path() / "test" / "text"
-    if not f.is_file():
-        return []
-    lines = [line.split(maxsplit=1)[1].lower() for line in f.read_text().splitlines() if " " in line.strip()]
-    return sorted(set(lines))[:limit]
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from phi4mm_lora.model.load import load_model
-    from phi4mm_lora.serve.app import Limits, create_app, response_provenance
-    from phi4mm_lora.serve.worker import ScoringWorker
+    from phi4mm_lora.serve.app import Limits
+    from phi4mm_lora.serve.service import serve
 
     if args.max_upload_mb <= 0 or args.max_seconds <= 0 or args.max_batch < 1 or args.max_queue < 1:
         raise UserError("--max-upload-mb and --max-seconds must be > 0, --max-batch and --max-queue >= 1")
-    cfg = _configured(args)
-    _check_port(args.host, args.port)
-    console.print("loading the model ...")
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    prov = response_provenance(cfg, loaded)
-    worker = ScoringWorker(cfg, loaded, max_batch=args.max_batch, max_queue=args.max_queue).start()
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds)
-    app = create_app(worker, prov, limits, _example_sentences())
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    console.print(f"serving http://{shown}:{args.port}/  (model {prov.get('model')}; adapter "
-                  f"{prov.get('adapter') or 'none'}; precision {prov.get('precision')}); Ctrl+C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    serve(run_config(args), run=args.adapter, host=args.host, port=args.port, limits=limits,
+          max_batch=args.max_batch, max_queue=args.max_queue, say=lambda line: console.print(line, highlight=False))
     return 0
 
 
@@ -121,18 +70,13 @@ def add_batch_args(s: argparse.ArgumentParser) -> None:
 def cmd_score_batch(args: argparse.Namespace) -> int:
     """``score --batch``: every row scored, failures reported, nothing stops the run."""
     from phi4mm_lora.evaluate.batch import check_output, read_rows, score_rows
-    from phi4mm_lora.model.load import load_model
-    from phi4mm_lora.serve.app import response_provenance
 
     if args.audio:
         raise UserError(f"give recordings either as AUDIO arguments or with --batch, not both ({args.audio[0]} ...)")
     rows = read_rows(args.batch, args.sentences, args.text)  # input errors before the model loads
     src = Path(args.batch)
     output = check_output(Path(args.output) if args.output else Path(f"{src.stem if src.is_file() else src.name}-scores.jsonl"))
-    cfg = _configured(args)
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    prov: dict[str, Any] = {"provenance": response_provenance(cfg, loaded)}
-    summary = score_rows(cfg, loaded, rows, output, progress=not args.no_progress, extra=prov)
+    summary = score_rows(run_config(args), None, rows, output, progress=not args.no_progress, run=args.adapter)
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:

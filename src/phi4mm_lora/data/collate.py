@@ -2,13 +2,14 @@
 
 Supervision is the whole point of this module, so it is computed in one place and checked:
 
-* the text of an example is ``<|user|>{prompt}<|end|><|assistant|>{answer}<|end|>``
-  (:func:`chat_text`, the same string the tokenizer's chat template renders);
+* the text of an example is :func:`~phi4mm_lora.data.prompts.training_text`: the generation
+  prompt evaluation uses (the tokenizer's chat template), then the answer and ``<|end|>``;
 * the processor expands the single audio placeholder into one token per 80 ms and pads;
 * labels are ``-100`` everywhere except the answer tokens and the final ``<|end|>``, found as
   the last ``len(tokenize(answer + "<|end|>"))`` real tokens of each row and *verified* to be
   exactly those ids (a tokenizer that merged across the ``<|assistant|>`` boundary would make
   the verification fail loudly instead of training on shifted labels);
+* padding side is passed to each tokenizer/processor call, never set on the shared tokenizer;
 * ``position_ids`` are computed from the attention mask, so left and right padding give the
   same loss (the model would otherwise number left-padded rows from the pad tokens on).
 
@@ -34,26 +35,16 @@ import torch
 
 from phi4mm_lora.data.audio import AudioError, load_audio
 from phi4mm_lora.data.examples import Example
+from phi4mm_lora.data.prompts import END, training_text
 from phi4mm_lora.errors import UserError
 
 IGNORE_INDEX = -100
-USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
 #: One audio token per 80 ms of audio (10 ms frames, 8x time reduction).
 AUDIO_TOKENS_PER_SECOND = 12.5
 
 
 class BadSampleError(UserError):
     """A sample that cannot be turned into model input; the message names example and file."""
-
-
-def chat_text(ex: Example) -> str:
-    """The full training text of one example (prompt turn + answer turn)."""
-    return f"{USER}{ex.prompt}{END}{ASSISTANT}{ex.answer}{END}"
-
-
-def prompt_text(ex: Example) -> str:
-    """The generation prompt (what evaluation feeds the model): user turn + ``<|assistant|>``."""
-    return f"{USER}{ex.prompt}{END}{ASSISTANT}"
 
 
 def _load_image(ex: Example) -> Any:
@@ -102,22 +93,18 @@ class Collator:
             raise BadSampleError(f"example {ex.id}: {exc}") from None
 
     def _encode(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        texts = [chat_text(ex) for ex in examples]
+        texts = [training_text(ex.prompt, ex.answer, self.tokenizer) for ex in examples]
         with_audio = [ex for ex in examples if ex.audio_path]
         with_image = [ex for ex in examples if ex.image_path]
-        old_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = self.padding_side
-        try:
-            if self.feature_cache is not None and with_audio and not with_image:
-                return self._encode_cached(examples, texts)
-            kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-            if with_audio:
-                kwargs["audio"] = [self._audio(ex) for ex in with_audio]
-            if with_image:
-                kwargs["images"] = [_load_image(ex) for ex in with_image]
-            return dict(self.processor(**kwargs))
-        finally:
-            self.tokenizer.padding_side = old_side
+        if self.feature_cache is not None and with_audio and not with_image:
+            return self._encode_cached(examples, texts)
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
+                                  "padding_side": self.padding_side}
+        if with_audio:
+            kwargs["audio"] = [self._audio(ex) for ex in with_audio]
+        if with_image:
+            kwargs["images"] = [_load_image(ex) for ex in with_image]
+        return dict(self.processor(**kwargs))
 
     def _encode_cached(self, examples: Sequence[Example], texts: list[str]) -> dict[str, torch.Tensor]:
         """The processor's output rebuilt from cached features (contract in data/cache.py)."""
@@ -132,7 +119,8 @@ class Collator:
                 raise BadSampleError(f"example {ex.id}: {exc}") from None
             entries.append(entry)
             texts[i] = texts[i].replace(audio_token, audio_token * entry.audio_embed_size, 1)
-        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=self.padding_side,
+                                  add_special_tokens=False))
         longest = max(len(e.features) for e in entries)
         feats = torch.zeros(len(entries), longest, entries[0].features.shape[1])
         mask = torch.zeros(len(entries), longest, dtype=torch.bool)
@@ -179,7 +167,7 @@ def estimate_length(ex: Example, tokenizer: Any | None = None) -> int:
 
     Used only to group similar lengths; with no tokenizer, 4 characters count as a token.
     """
-    text = chat_text(ex)
+    text = training_text(ex.prompt, ex.answer, tokenizer)
     n_text = len(tokenizer(text, add_special_tokens=False)["input_ids"]) if tokenizer is not None else len(text) // 4
     n_audio = int((ex.duration or 0.0) * AUDIO_TOKENS_PER_SECOND) if ex.audio_path else 0
     return n_text + n_audio
@@ -217,7 +205,5 @@ __all__ = [
     "BadSampleError",
     "Collator",
     "batch_plan",
-    "chat_text",
     "estimate_length",
-    "prompt_text",
 ]

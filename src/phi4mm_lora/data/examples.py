@@ -7,8 +7,9 @@ threads) so a long run never dies on a bad sample, and returns the examples plus
 :class:`DataReport` that names everything skipped.
 
 Collator contract: for an :class:`Example` ``ex`` the training text is
-``"<|user|>" + ex.prompt + "<|end|><|assistant|>" + ex.answer + "<|end|>"`` with the loss on
-the answer part only; ``ex.prompt`` already holds exactly one audio token where the audio
+:func:`~phi4mm_lora.data.prompts.training_text` of ``ex.prompt`` and ``ex.answer``
+(``<|user|>{prompt}<|end|><|assistant|>{answer}<|end|>`` for Phi-4) with the loss on the
+answer part only; ``ex.prompt`` already holds exactly one audio token where the audio
 goes (and one image token for image examples); decode ``ex.audio_path`` with
 :func:`phi4mm_lora.data.audio.load_audio` or read cached features from
 :class:`phi4mm_lora.data.cache.FeatureCache`.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from phi4mm_lora.config import DataConfig, PromptConfig
 from phi4mm_lora.data.audio import AudioError, probe_audio
-from phi4mm_lora.data.manifest import read_manifest, render_prompt
+from phi4mm_lora.data.manifest import insert_media_tokens, read_manifest
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.data.report import DataReport, Problem
 from phi4mm_lora.data.speechocean import (
@@ -35,11 +36,33 @@ from phi4mm_lora.data.speechocean import (
     read_speechocean,
     resolve_source,
 )
-from phi4mm_lora.data.targets import apa_answer, mdd_answer
+from phi4mm_lora.data.targets import annotated_by_position, apa_answer, canonical_phones, mdd_answer
 from phi4mm_lora.errors import UserError
 
 DEFAULT_AUDIO_TOKEN = "<|endoftext11|>"
 DEFAULT_IMAGE_TOKEN = "<|endoftext10|>"
+
+
+@dataclass(frozen=True)
+class PhoneReference:
+    """What MDD evaluation needs beyond the answer, read with the example (never re-read).
+
+    ``canonical_phones``: what should have been said (dictionary phones, no stress);
+    ``annotated_at``: what the annotators heard for each canonical phone (one entry each, from
+    the dataset's mispronunciation indices, see :func:`~phi4mm_lora.data.targets.annotated_by_position`);
+    ``accuracy``: the human sentence accuracy score (for PER against accuracy).
+    """
+
+    canonical_phones: str | None
+    annotated_at: tuple[str, ...]
+    accuracy: float | None = None
+
+
+def phone_reference(u: Utterance) -> PhoneReference:
+    """The :class:`PhoneReference` of a Speechocean762 utterance."""
+    canon = [p for w in u.words for p in canonical_phones(w)]
+    return PhoneReference(" ".join(canon) if canon else None,
+                          tuple(a for w in u.words for a in annotated_by_position(w)), u.scores.get("accuracy"))
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,7 @@ class Example:
     speaker: str | None
     duration: float | None
     language: str | None = None  # manifest tasks: language of the answer, for CER / BLEU
+    reference: PhoneReference | None = None  # Speechocean MDD examples: for the MDD metrics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +182,7 @@ def build_examples(
                 id=f"{u.utt_id}:{t}", utt_id=u.utt_id, task=t, audio_path=u.audio_path, image_path=None,
                 prompt=user_prompt(t, instructions[t], audio_token, u.text), answer=answer,
                 split=split, speaker=u.speaker, duration=duration,
+                reference=phone_reference(u) if t == "mdd" else None,
             ))
     report.n_examples = len(examples)
     report.raise_if_strict(data_cfg.strict)
@@ -179,7 +204,7 @@ def _build_manifest(
         if kind is not None:
             report.add(kind, it.id, detail or "")
             continue
-        prompt = render_prompt(it.prompt, it.audio_path is not None, it.image_path is not None,
+        prompt = insert_media_tokens(it.prompt, it.audio_path is not None, it.image_path is not None,
                                audio_token, image_token)
         examples.append(Example(
             id=it.id, utt_id=it.id, task="manifest", audio_path=it.audio_path, image_path=it.image_path,

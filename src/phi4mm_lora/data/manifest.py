@@ -98,7 +98,7 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestItem], list[tuple[str 
     return items, problems
 
 
-def render_prompt(prompt: str, has_audio: bool, has_image: bool, audio_token: str, image_token: str) -> str:
+def insert_media_tokens(prompt: str, has_audio: bool, has_image: bool, audio_token: str, image_token: str) -> str:
     """Swap generic placeholders for the processor's tokens, prepending any that are absent."""
     out = prompt
     if has_audio:

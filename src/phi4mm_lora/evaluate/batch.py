@@ -33,6 +33,7 @@ from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import split_words
 from phi4mm_lora.evaluate.parse import APA_KEYS
 from phi4mm_lora.evaluate.score import ScoreItem, score_batch
+from phi4mm_lora.model.run_folder import Run
 
 AUDIO_COLUMNS = ("audio", "path", "file", "wav", "audio_path")
 TEXT_COLUMNS = ("text", "sentence", "transcript")
@@ -212,14 +213,23 @@ def summarise(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     }
 
 
-def score_rows(cfg: RunConfig, loaded: Any, rows: list[Row], output: Path, chunk: int | None = None,
-               progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_rows(cfg: RunConfig, loaded: Any | None, rows: list[Row], output: Path, chunk: int | None = None,
+               progress: bool = True, extra: dict[str, Any] | None = None,
+               run: Run | str | Path | None = None) -> dict[str, Any]:
     """Score ``rows`` into ``output`` and write ``<output>.summary.json``; returns the summary.
 
-    ``extra`` (e.g. provenance) is added to every result and to the summary.
+    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`) whose
+    adapter scores on its own base model, as ``score --batch --adapter RUN``; ``loaded`` None
+    loads the model here. Every result and the summary carry ``provenance`` (which model,
+    adapter and precision scored), plus ``extra`` when given.
     """
     from tqdm.auto import tqdm
 
+    from phi4mm_lora.evaluate.run import configure_and_load
+    from phi4mm_lora.model.provenance import provenance
+
+    cfg, loaded = configure_and_load(cfg, run, loaded)
+    extra = {"provenance": provenance(loaded, cfg), **(extra or {})}
     chunk = chunk or max(1, cfg.eval.batch_size)
     max_seconds = cfg.data.max_audio_seconds
     writer = ResultWriter(output)
@@ -234,14 +244,14 @@ def score_rows(cfg: RunConfig, loaded: Any, rows: list[Row], output: Path, chunk
                 for r in part:
                     res = {"row": r.row, "audio": r.audio, "text": r.text, "error": r.error} if r.error else \
                         {"row": r.row, **next(scored)}
-                    res.update(extra or {})
+                    res.update(extra)
                     writer.write(res)
                     results.append(res)
                 bar.update(len(part))
                 bar.set_postfix(failed=sum(1 for r in results if r.get("error")))
     finally:
         writer.close()
-    summary = {**summarise(results, time.perf_counter() - start), "output": str(output), **(extra or {})}
+    summary = {**summarise(results, time.perf_counter() - start), "output": str(output), **extra}
     summary_path = output.with_name(output.name + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     summary["summary_file"] = str(summary_path)

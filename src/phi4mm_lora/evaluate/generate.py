@@ -2,10 +2,12 @@
 
 Why it is shaped like this:
 
-* Prompts are rendered with the tokenizer's own chat template (``add_generation_prompt``),
-  so evaluation sees exactly the ``<|user|>...<|end|><|assistant|>`` string the model was
+* Prompts are :func:`~phi4mm_lora.data.prompts.generation_prompt` (the tokenizer's own chat
+  template, ``add_generation_prompt``), the same function training's text starts with, so
+  evaluation sees exactly the ``<|user|>...<|end|><|assistant|>`` string the model was
   trained on; the processor expands the audio placeholder and extracts features.
-* Batches are LEFT padded: every row's last prompt token sits at the same column, so all
+* Batches are LEFT padded (``padding_side="left"`` in the call; the shared tokenizer is
+  never changed): every row's last prompt token sits at the same column, so all
   rows start generating together with the KV cache; ``generate`` derives position ids from
   the attention mask, so padding does not shift positions (a test checks batched output
   equals one-at-a-time output).
@@ -31,6 +33,7 @@ import torch
 
 from phi4mm_lora.data.audio import TARGET_SR, AudioError, load_audio
 from phi4mm_lora.data.examples import Example
+from phi4mm_lora.data.prompts import generation_prompt
 
 END_TOKEN = "<|end|>"
 #: Fallback ids when the tokenizer does not know the names (Phi-4's values).
@@ -69,15 +72,6 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
-    """The generation prompt for a user turn, via the tokenizer's chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return f"<|user|>{prompt}{END_TOKEN}<|assistant|>"
-
-
 def _load_image(path: str) -> Any:
     from PIL import Image
 
@@ -88,8 +82,8 @@ def _load_image(path: str) -> Any:
 def _inputs(processor: Any, examples: Sequence[Example], audio: dict[str, np.ndarray]) -> dict[str, Any]:
     """Left-padded model inputs for a batch (audio already decoded)."""
     tok = processor.tokenizer
-    texts = [render_prompt(tok, ex.prompt) for ex in examples]
-    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    texts = [generation_prompt(ex.prompt, tok) for ex in examples]
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "left"}
     with_audio = [audio[ex.id] for ex in examples if ex.audio_path]
     if with_audio:
         kwargs["audio"] = with_audio
@@ -97,12 +91,7 @@ def _inputs(processor: Any, examples: Sequence[Example], audio: dict[str, np.nda
     images = [_load_image(ex.image_path) for ex in examples if ex.image_path]
     if images:
         kwargs["images"] = images
-    old = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        out = dict(processor(**kwargs))
-    finally:
-        tok.padding_side = old
+    out = dict(processor(**kwargs))
     out.pop("num_img_tokens", None)
     return out
 

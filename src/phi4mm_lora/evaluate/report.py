@@ -434,11 +434,13 @@ def write_report(
     compare: dict[str, Any] | None = None,
     compare_name: str = "baseline",
     name: str = "this run",
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write results.json, report.md and the PNG plots into ``out_dir``; return their paths.
 
     ``results`` is :func:`compute_all`'s output for ``predictions``; ``compare`` another
-    run's results (e.g. before training), shown side by side with deltas.
+    run's results (e.g. before training), shown side by side with deltas; ``meta`` (run.json's
+    content) adds the :func:`run_section`. report.md is written once, here.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -475,8 +477,39 @@ def write_report(
         ]
     md += _details(results)
     md += _failures_section(results)
-    paths["report"].write_text("\n".join(md))
+    if meta is not None:
+        md += run_section(meta)
+    paths["report"].write_text("\n".join(md) + ("\n" if meta is not None else ""))
     return paths
+
+
+def run_section(meta: dict[str, Any]) -> list[str]:
+    """report.md's last section: what ran, how fast, and what could not be evaluated.
+
+    ``meta`` is run.json's content (see :func:`phi4mm_lora.evaluate.run.evaluate`).
+    """
+    from phi4mm_lora.model.provenance import provenance_line
+
+    budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
+    lines = [
+        "## Run",
+        "",
+        f"- model: `{meta['model']}`; adapter: `{meta['adapter'] or 'the checkpoint'}` ({meta['adapter_mode']} mode)",
+        *([f"- produced by: {provenance_line(meta['provenance'])}"] if meta.get("provenance") else []),
+        f"- data: `{meta['data']}` split `{meta['split']}`: {meta['utterances']} utterances, "
+        f"{meta['examples']} examples",
+        f"- generation: {meta['generation_seconds']} s, {meta['examples_per_second']} examples/s, "
+        f"{meta['generated_tokens']} tokens; max_new_tokens {budgets}; batch size {meta['batch_size']}",
+    ]
+    skipped = meta["skipped_by_data_layer"]
+    if skipped:
+        lines.append(f"- skipped by the data layer: {len(skipped)} (" + "; ".join(
+            f"{s['item']}: {s['kind']}" for s in skipped[:10]) + ")")
+    failed = meta["generation_failures"]
+    if failed:
+        lines.append(f"- no answer (audio or generation failed, counted as unparseable): {len(failed)}")
+        lines += [f"  - `{f['id']}` {f['task']}: {f['error']}" for f in failed[:20]]
+    return lines
 
 
 def render_table(

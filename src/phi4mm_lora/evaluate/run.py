@@ -8,8 +8,9 @@ recomputed from ``predictions.jsonl`` without the model (a test does exactly tha
 
 Why records carry more than the answer: MDD precision/recall need the canonical phones
 (what should have been said) and the annotated phones (what the annotators heard), which
-only the data layer knows; they are stored in each MDD record so the metrics never need the
-dataset again.
+only the data layer knows. The data layer reads them with the examples
+(:class:`~phi4mm_lora.data.examples.PhoneReference` on each MDD example), so the dataset is
+read once, and they are stored in each MDD record so the metrics never need the dataset again.
 
 Failures are never dropped: an answer that does not parse, and an example whose audio or
 generation failed (raw ``""`` with ``parse_error`` naming the cause), all stay in the
@@ -22,51 +23,34 @@ import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples, bundled_corpus_path
-from phi4mm_lora.data.targets import annotated_by_position, canonical_phones
+from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_results, save_predictions, write_report
 from phi4mm_lora.fileio import check_writable_dir
-from phi4mm_lora.model.provenance import provenance, provenance_line
+from phi4mm_lora.model.provenance import provenance
 from phi4mm_lora.model.run_folder import Run
 
 #: Keys of the flat dict the per-epoch evaluator returns (the trainer logs them as eval/<key>).
 EPOCH_KEYS: tuple[str, ...] = ("acc_pcc", "flu_pcc", "pros_pcc", "total_pcc", "wer", "per", "f1", "precision", "recall")
 
 
-def _utterance_info(cfg: RunConfig, utt_ids: set[str]) -> dict[str, dict[str, Any]]:
-    """Canonical phones, the per-phone annotation and human accuracy (Speechocean sources only).
-
-    ``annotated_at`` holds one entry per canonical phone, taken from the dataset's
-    mispronunciation indices, so MDD scoring never re-aligns the annotation.
-    """
-    if cfg.data.source != "speechocean" or not utt_ids:
-        return {}
-    from phi4mm_lora.data.speechocean import default_extract_dir, read_speechocean, resolve_source
-
-    path = resolve_source(cfg.data.path, bundled_corpus_path())
-    extract_dir = None
-    if cfg.data.feature_cache:  # the same extraction folder build_examples used
-        extract_dir = Path(cfg.data.feature_cache).expanduser() / "extracted" / default_extract_dir(path).name
-    info = {}
-    for u in read_speechocean(path, extract_dir).utterances:
-        if u.utt_id in utt_ids:
-            canon = [p for w in u.words for p in canonical_phones(w)]
-            info[u.utt_id] = {"canonical_phones": " ".join(canon) if canon else None,
-                              "annotated_at": [a for w in u.words for a in annotated_by_position(w)],
-                              "accuracy": u.scores.get("accuracy")}
-    return info
-
-
 def build_record(ex: Example, gen: Generation, info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One prediction record in :func:`compute_all`'s format."""
+    """One prediction record in :func:`compute_all`'s format.
+
+    ``info`` (canonical_phones, annotated_at, accuracy) defaults to the example's own
+    :class:`~phi4mm_lora.data.examples.PhoneReference`.
+    """
+    if info is None and ex.reference is not None:
+        info = {"canonical_phones": ex.reference.canonical_phones, "annotated_at": list(ex.reference.annotated_at),
+                "accuracy": ex.reference.accuracy}
     raw = gen.text
     res = parse_for_task(ex.task, raw)
     rec: dict[str, Any] = {"id": ex.utt_id, "task": ex.task, "raw": raw,
@@ -108,6 +92,19 @@ def _load(cfg: RunConfig, loaded: Any | None) -> Any:
     return load_model(cfg.model, cfg.precision, cfg.adapter)
 
 
+def configure_and_load(cfg: RunConfig, run: Run | str | Path | None = None,
+                       loaded: Any | None = None) -> tuple[RunConfig, Any]:
+    """``cfg`` set up for ``run`` (its adapter on its base model, :meth:`Run.configure`) and the
+    model it describes, loaded (or ``loaded`` when the caller already holds it).
+
+    The one way ``score``, batch scoring and the service turn a run folder into a model, so
+    the Python API and the CLI take the same ``run`` and get the same model.
+    """
+    if run is not None:
+        cfg = Run.open(run).configure(cfg)
+    return cfg, _load(cfg, loaded)
+
+
 def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for ``examples`` and turn the answers into records; also timing figures."""
@@ -115,8 +112,7 @@ def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
     gens = generate_all(model, processor, examples, batch_size=cfg.eval.batch_size,
                         max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
     seconds = time.perf_counter() - t0
-    info = _utterance_info(cfg, {ex.utt_id for ex in examples if ex.task == "mdd"})
-    records = [build_record(ex, g, info.get(ex.utt_id)) for ex, g in zip(examples, gens, strict=True)]
+    records = [build_record(ex, g) for ex, g in zip(examples, gens, strict=True)]
     tasks = sorted({ex.task for ex in examples})
     timing = {
         "generation_seconds": round(seconds, 3),
@@ -169,9 +165,9 @@ def evaluate(
         raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
                         f"({data_report.n_problems} skipped{first}); fix the data or pick another split (data.eval_split)")
     loaded = _load(cfg, loaded)
-    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:
-        examples, data_report = build_examples(cfg.data, cfg.prompts, split,
-                                               audio_token=loaded.processor.audio_token, seed=cfg.seed)
+    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:  # the data was read before the model loaded
+        token = loaded.processor.audio_token
+        examples = [replace(ex, prompt=ex.prompt.replace(DEFAULT_AUDIO_TOKEN, token)) for ex in examples]
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")
@@ -192,10 +188,8 @@ def evaluate(
     }
     dump_config(cfg, out / "config.yaml")
     (out / "run.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    paths = write_report(results, records, out, compare=baseline,
-                         compare_name=compare_name or _compare_name(compare), name=name)
-    with paths["report"].open("a", encoding="utf-8") as fh:
-        fh.write("\n" + "\n".join(_run_section(meta)) + "\n")
+    write_report(results, records, out, compare=baseline, compare_name=compare_name or _compare_name(compare),
+                 name=name, meta=meta)
     return {**results, "meta": meta}
 
 
@@ -207,30 +201,6 @@ def fresh_eval_dir(run_dir: str | Path, split: str) -> Path:
     while out.exists():
         out, n = base.with_name(f"{base.name}-{n}"), n + 1
     return out
-
-
-def _run_section(meta: dict[str, Any]) -> list[str]:
-    """What ran, how fast, and what could not be evaluated (appended to report.md)."""
-    budgets = ", ".join(f"{t} {n}" for t, n in meta["max_new_tokens"].items())
-    lines = [
-        "## Run",
-        "",
-        f"- model: `{meta['model']}`; adapter: `{meta['adapter'] or 'the checkpoint'}` ({meta['adapter_mode']} mode)",
-        *([f"- produced by: {provenance_line(meta['provenance'])}"] if meta.get("provenance") else []),
-        f"- data: `{meta['data']}` split `{meta['split']}`: {meta['utterances']} utterances, "
-        f"{meta['examples']} examples",
-        f"- generation: {meta['generation_seconds']} s, {meta['examples_per_second']} examples/s, "
-        f"{meta['generated_tokens']} tokens; max_new_tokens {budgets}; batch size {meta['batch_size']}",
-    ]
-    skipped = meta["skipped_by_data_layer"]
-    if skipped:
-        lines.append(f"- skipped by the data layer: {len(skipped)} (" + "; ".join(
-            f"{s['item']}: {s['kind']}" for s in skipped[:10]) + ")")
-    failed = meta["generation_failures"]
-    if failed:
-        lines.append(f"- no answer (audio or generation failed, counted as unparseable): {len(failed)}")
-        lines += [f"  - `{f['id']}` {f['task']}: {f['error']}" for f in failed[:20]]
-    return lines
 
 
 def _compare_name(compare: Any) -> str:

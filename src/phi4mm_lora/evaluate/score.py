@@ -8,7 +8,9 @@ answer does not parse, because the user needs to know those words were never che
 
 Every input problem (missing or undecodable audio, empty sentence) is a
 :class:`~phi4mm_lora.errors.UserError` raised *before* the model is loaded, so a typo
-costs nothing. A model answer that does not parse is not an error: its fields are ``None``
+costs nothing; each recording is decoded once, by that check, and the samples are what the
+model hears. :func:`score`, :func:`score_batch`, batch scoring and the service all take a run
+folder the same way (``run=``, see :func:`~phi4mm_lora.evaluate.run.configure_and_load`). A model answer that does not parse is not an error: its fields are ``None``
 and the parse error is reported next to the raw answer.
 """
 
@@ -28,41 +30,55 @@ from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import canonical_words, feedback_from_answer
-from phi4mm_lora.evaluate.generate import Generation, generate_all
+from phi4mm_lora.evaluate.generate import generate_all
 from phi4mm_lora.evaluate.parse import APA_KEYS, parse_apa
-from phi4mm_lora.model.provenance import provenance
 from phi4mm_lora.model.run_folder import Run
 
 TASKS = ("apa", "mdd")
 
 
-def check_inputs(audio_paths: list[str | Path], text: str | None) -> list[Path]:
-    """Every problem with the inputs at once, as one UserError; the decoded-ok paths otherwise."""
+@dataclass
+class ScoreItem:
+    """One recording to score in a batch: a name for the output, its sentence, its audio.
+
+    ``samples`` are already decoded 16 kHz mono samples (an upload); when None, ``audio`` is a
+    file path read by the generator.
+    """
+
+    audio: str
+    text: str
+    samples: np.ndarray | None = None
+
+
+def check_inputs(audio_paths: Sequence[str | Path], text: str | None) -> list[ScoreItem]:
+    """Every problem with the inputs at once, as one UserError; otherwise one decoded
+    :class:`ScoreItem` per recording (the only time the files are read)."""
     problems = []
     if not text or not text.strip():
         problems.append("--text is required: the sentence the speaker read (e.g. --text \"we call it bear\")")
     if not audio_paths:
         problems.append("no audio file given")
-    paths = [Path(p).expanduser() for p in audio_paths]
-    for p in paths:
+    items = []
+    for p in (Path(a).expanduser() for a in audio_paths):
         try:
-            load_audio(p)
+            items.append(ScoreItem(str(p), (text or "").strip(), load_audio(p)))
         except UserError as exc:
             problems.append(str(exc))
     if problems:
         raise UserError("; ".join(problems))
-    return paths
+    return items
 
 
-def score_examples(cfg: RunConfig, paths: list[Path], text: str, audio_token: str) -> list[Example]:
-    """An APA and an MDD example per recording (ids ``<n>:apa``, ``<n>:mdd``)."""
+def task_examples(cfg: RunConfig, items: Sequence[ScoreItem], audio_token: str) -> list[Example]:
+    """An APA and an MDD example per item (ids ``<n>:apa``, ``<n>:mdd``), with its own sentence."""
+    instructions = {task: load_instruction(task, cfg.prompts) for task in TASKS}
     examples = []
-    for n, p in enumerate(paths):
+    for n, it in enumerate(items):
+        duration = len(it.samples) / TARGET_SR if it.samples is not None else None
         for task in TASKS:
-            prompt = user_prompt(task, load_instruction(task, cfg.prompts), audio_token, text)
-            examples.append(Example(id=f"{n}:{task}", utt_id=str(n), task=task, audio_path=str(p),
-                                    image_path=None, prompt=prompt, answer="", split="score",
-                                    speaker=None, duration=None))
+            examples.append(Example(id=f"{n}:{task}", utt_id=str(n), task=task, audio_path=it.audio, image_path=None,
+                                    prompt=user_prompt(task, instructions[task], audio_token, it.text), answer="",
+                                    split="score", speaker=None, duration=duration))
     return examples
 
 
@@ -135,35 +151,20 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
     return out
 
 
-def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loaded: Any | None = None,
+def score(cfg: RunConfig, audio_paths: Sequence[str | Path], text: str | None, loaded: Any | None = None,
           progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
     """Score each recording against ``text``; one :func:`feedback` dict per recording.
 
-    ``run``: a training run folder (or :class:`~phi4mm_lora.model.run_folder.Run`): its adapter
-    on its own base model. Each dict carries ``provenance`` (model, adapter, precision, version).
+    ``run``: a training run folder, a checkpoint or adapter folder, or a
+    :class:`~phi4mm_lora.model.run_folder.Run`: its adapter on its own base model, exactly as
+    ``phi4mm-lora score --adapter RUN``. Each dict carries ``provenance`` (model, adapter,
+    precision, version). Input problems are raised before the run is opened or a model loads.
     """
-    paths = check_inputs(audio_paths, text)
-    assert text is not None
-    if run is not None:
-        cfg = Run.open(run).configure(cfg)
-    if loaded is None:
-        from phi4mm_lora.model.load import load_model
-
-        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    examples = score_examples(cfg, paths, text.strip(), loaded.processor.audio_token)
-    rubric = load_instruction("apa", cfg.prompts)
-    gens: dict[str, Generation] = {
-        g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
-                                      max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
-    }
-    prov = provenance(loaded, cfg)
-    out = []
-    for n, p in enumerate(paths):
-        apa, mdd = gens[f"{n}:apa"], gens[f"{n}:mdd"]
-        out.append({**feedback(str(p), text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error},
-                             rubric),
-                    "provenance": prov})
-    return out
+    items = check_inputs(audio_paths, text)
+    results = score_batch(cfg, loaded, items, progress=progress, run=run)
+    for r in results:
+        r.pop("error", None)  # reported per task in apa_error / mdd_error
+    return results
 
 
 def _marked_words(result: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -245,43 +246,24 @@ def render(result: dict[str, Any]) -> list[Any]:
     return parts
 
 
-@dataclass
-class ScoreItem:
-    """One recording to score in a batch: a name for the output, its sentence, its audio.
-
-    ``samples`` are already decoded 16 kHz mono samples (an upload); when None, ``audio`` is a
-    file path read by the generator.
-    """
-
-    audio: str
-    text: str
-    samples: np.ndarray | None = None
-
-
-def score_batch(cfg: RunConfig, loaded: Any, items: Sequence[ScoreItem],
-                progress: bool = False) -> list[dict[str, Any]]:
+def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
+                progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
     """Score recordings that each read their own sentence, in one batched generation.
 
     The entry point of the HTTP service and of batch scoring: the same prompts and
     :func:`feedback` as :func:`score`, one dict per item in order. An item whose audio or
     generation failed is not an exception: its dict names the failure in ``error``. Each row's
     answer does not depend on what else is in the batch (see :mod:`~phi4mm_lora.evaluate.generate`).
+    ``loaded`` None: the model is loaded from ``cfg`` (set up for ``run`` when given).
     """
-    examples: list[Example] = []
-    decoded: dict[str, np.ndarray] = {}
-    for n, it in enumerate(items):
-        for task in TASKS:
-            prompt = user_prompt(task, load_instruction(task, cfg.prompts), loaded.processor.audio_token, it.text)
-            ex_id = f"{n}:{task}"
-            duration = len(it.samples) / TARGET_SR if it.samples is not None else None
-            examples.append(Example(id=ex_id, utt_id=str(n), task=task, audio_path=it.audio, image_path=None,
-                                    prompt=prompt, answer="", split="score", speaker=None, duration=duration))
-            if it.samples is not None:
-                decoded[ex_id] = it.samples
-    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
-                                          max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
+    from phi4mm_lora.evaluate.run import configure_and_load
     from phi4mm_lora.model.provenance import provenance
 
+    cfg, loaded = configure_and_load(cfg, run, loaded)
+    examples = task_examples(cfg, items, loaded.processor.audio_token)
+    decoded = {ex.id: items[int(ex.utt_id)].samples for ex in examples if items[int(ex.utt_id)].samples is not None}
+    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+                                          max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded)}
     prov = provenance(loaded, cfg)
     rubric = load_instruction("apa", cfg.prompts)
     out = []

@@ -29,7 +29,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from phi4mm_lora.config import RunConfig
 from phi4mm_lora.data.audio import (
     ACCEPTED_FORMATS,
     TARGET_SR,
@@ -58,13 +57,6 @@ class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_seconds: float = 30.0
     max_text_chars: int = 500
-
-
-def response_provenance(cfg: RunConfig, loaded: Any) -> dict[str, Any]:
-    """Which model, adapter, precision and project version answer the requests (one place)."""
-    from phi4mm_lora.model.provenance import provenance
-
-    return provenance(loaded, cfg)
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:

@@ -82,7 +82,8 @@ def bench_examples(processor: Any, n: int = 8) -> list:
 def run_variant(variant: str, layers: int, steps: int) -> dict[str, Any]:
     """One variant in this process: build, then time ``steps`` optimizer steps."""
     from phi4mm_lora.data.audio import load_audio
-    from phi4mm_lora.data.collate import Collator, chat_text
+    from phi4mm_lora.data.collate import Collator
+    from phi4mm_lora.data.prompts import training_text
     from phi4mm_lora.train.finetune import enable_activation_checkpointing
     from phi4mm_lora.train.loss import answer_loss_sum, count_label_tokens
 
@@ -100,7 +101,7 @@ def run_variant(variant: str, layers: int, steps: int) -> dict[str, Any]:
     for _ in range(steps):
         t0 = time.perf_counter()
         if variant == "baseline":
-            inputs = dict(processor(text=[chat_text(e) for e in examples],
+            inputs = dict(processor(text=[training_text(e.prompt, e.answer, processor.tokenizer) for e in examples],
                                     audio=[load_audio(e.audio_path) for e in examples],
                                     return_tensors="pt", padding=True))
             labels = collator.labels_for(examples, inputs["input_ids"], inputs["attention_mask"])

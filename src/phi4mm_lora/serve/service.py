@@ -1,0 +1,104 @@
+"""The service as a library: a run folder (or a config) in, a running HTTP service out.
+
+``phi4mm-lora serve`` only parses its flags and calls :func:`serve`; from Python,
+``serve(load_config(), run="runs/demo", port=8000)`` does the same, and
+:func:`create_service` gives the app without listening (for an in-process client or another
+ASGI server). The run is opened like everywhere else
+(:func:`~phi4mm_lora.evaluate.run.configure_and_load`): its adapter on its own base model.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi4mm_lora.config import RunConfig
+from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.run_folder import Run
+from phi4mm_lora.serve.app import Limits
+
+
+@dataclass
+class Service:
+    """A started service: the ASGI ``app``, the worker that owns the model, what answers."""
+
+    app: Any
+    worker: Any
+    provenance: dict[str, Any]
+    cfg: RunConfig
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before the (slow) model load when the address cannot be used."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number (0-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host} is not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another with --port") from None
+
+
+def example_sentences(limit: int = 40) -> list[str]:
+    """Sentences of the bundled corpus's test split, for the page's picker."""
+    from phi4mm_lora.data.examples import bundled_corpus_path
+
+    f = bundled_corpus_path() / "test" / "text"
+    if not f.is_file():
+        return []
+    lines = [line.split(maxsplit=1)[1].lower() for line in f.read_text().splitlines() if " " in line.strip()]
+    return sorted(set(lines))[:limit]
+
+
+def create_service(cfg: RunConfig, run: Run | str | Path | None = None, *, limits: Limits | None = None,
+                   max_batch: int = 8, max_queue: int = 64, loaded: Any | None = None,
+                   sentences: list[str] | None = None) -> Service:
+    """Load the model (``run``'s adapter on its base model, or ``loaded``), start the scoring
+    worker and build the app; the worker stops when the app's lifespan ends."""
+    from phi4mm_lora.evaluate.run import configure_and_load
+    from phi4mm_lora.model.provenance import provenance
+    from phi4mm_lora.serve.app import create_app
+    from phi4mm_lora.serve.worker import ScoringWorker
+
+    cfg, loaded = configure_and_load(cfg, run, loaded)
+    prov = provenance(loaded, cfg)
+    worker = ScoringWorker(cfg, loaded, max_batch=max_batch, max_queue=max_queue).start()
+    app = create_app(worker, prov, limits, example_sentences() if sentences is None else sentences)
+    return Service(app, worker, prov, cfg)
+
+
+def serve(cfg: RunConfig, run: Run | str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          limits: Limits | None = None, max_batch: int = 8, max_queue: int = 64,
+          say: Callable[[str], None] | None = None) -> None:
+    """Serve scoring over HTTP until interrupted (what ``phi4mm-lora serve`` runs).
+
+    Problems with ``run`` or the address are raised before the model loads; ``say`` gets the
+    progress lines (default: stderr).
+    """
+    import uvicorn
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    if run is not None:
+        run = Run.open(run)
+        cfg = run.configure(cfg)  # a missing base model is named before the address check
+    check_address(host, port)
+    say("loading the model ...")
+    service = create_service(cfg, limits=limits, max_batch=max_batch, max_queue=max_queue)
+    prov = service.provenance
+    shown = f"[{host}]" if ":" in host else host
+    say(f"serving http://{shown}:{port}/  (model {prov.get('model')}; adapter {prov.get('adapter') or 'none'}; "
+        f"precision {prov.get('precision')}); Ctrl+C stops")
+    uvicorn.run(service.app, host=host, port=port, log_level="warning", access_log=False)
+
+
+__all__ = ["Service", "check_address", "create_service", "example_sentences", "serve"]
