@@ -25,17 +25,19 @@ What PEFT does and what is done here:
   the adapter name;
 * the unfrozen modules are *not* PEFT ``ModulesToSaveWrapper`` modules in the live model (the
   trainer unfreezes the base modules in place, so the optimizer, FSDP and ``merge_and_unload``
-  see plain parameters). Their saved keys therefore are the plain parameter names, and
-  :func:`load_extra_modules` copies them with name and shape checks that name the folder
-  (``set_peft_model_state_dict``'s non-strict ``load_state_dict`` would skip a name that fits
-  nothing) and also reads the older :data:`EXTRA_FILE`;
+  see plain parameters). Their saved keys therefore are the plain parameter names, which
+  ``set_peft_model_state_dict`` would load only as a side effect of its non-strict
+  ``load_state_dict`` (a name that fits nothing ends up in ``unexpected_keys``, a wrong shape
+  is a bare RuntimeError, and the older :data:`EXTRA_FILE` is never read). So
+  :func:`load_extra_modules` copies them, with name and shape checks whose errors name the
+  folder, and the LoRA tensors alone go to PEFT;
 * a sharded model (FSDP) cannot take ``set_peft_model_state_dict``: its parameters are
   DTensor shards that plain ``load_state_dict`` cannot copy a full tensor into; torch's
   ``set_model_state_dict(full_state_dict=True)`` scatters them, and :func:`model_state` gives
   it the tensors keyed as the model names them. PEFT's own key remapping for that
   (``_insert_adapter_name_into_state_dict``, the tuner's ``_remap_adapter_state_dict_for_load``)
-  is private and differs between the supported peft 0.18 and 0.21, so it is done here with
-  :data:`LORA_NAME`.
+  is private API, which the supported range (peft 0.18 to 0.21) does not promise, so it is
+  done here with :data:`LORA_NAME`.
 
 Heavy imports (torch, peft, safetensors) happen inside the functions: the CLI imports the
 constants of this module while building its parser.
