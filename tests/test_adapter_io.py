@@ -134,10 +134,12 @@ def test_lora_names_match_what_peft_itself_names(trained):
     for adapter in ("speech", "vision"):
         saved = get_peft_model_state_dict(peft, adapter_name=adapter)
         assert saved and all(k.startswith(io.PEFT_PREFIX) for k in saved)
+        params = dict(peft.named_parameters())
         for k in saved:
             parts = io.lora_parts(k)
             assert parts is not None and parts[2] is None, k
-            assert io.with_adapter(k, adapter) in expected, k
+            assert torch.equal(saved[k], params[io.with_adapter(k, adapter)]), k
+        assert {io.with_adapter(k, adapter) for k in saved} == {n for n, (_, a) in expected.items() if a == adapter}
     # and the LoRA linear modules themselves (as reports and precision checks see them)
     lora_modules = [m for m, mod in peft.named_modules() if isinstance(mod, torch.nn.Linear) and ".lora_" in m]
     assert lora_modules and all(io.lora_adapter(m) in ("speech", "vision") for m in lora_modules)
