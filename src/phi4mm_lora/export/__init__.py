@@ -31,12 +31,12 @@ import yaml
 
 from phi4mm_lora.config import RunConfig, load_config
 from phi4mm_lora.errors import UserError
-from phi4mm_lora.model.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Run
+from phi4mm_lora.model.adapter_io import ADAPTER_CONFIG, ADAPTER_FILES, EXTRA_FILE, lora_weights_by_adapter
+from phi4mm_lora.model.run_folder import Run
 
 FORMATS = ("merged", "adapter", "official")
 #: Decoder linears the official layout (and vLLM's speech/vision LoRA) carry LoRA on.
 _OFFICIAL_TARGET = re.compile(r"^model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)$")
-_LORA_PARAM = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<name>[A-Za-z0-9_]+)\.weight$")
 
 
 def export_run(run: Run | str | Path, to: str | Path, fmt: str = "merged", *, cfg: RunConfig | None = None,
@@ -117,13 +117,13 @@ def _merged(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 
 def _adapter(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from phi4mm_lora.model.adapters import EXTRA_FILE, save_trained
+    from phi4mm_lora.model.adapters import save_trained
 
     if (run.adapter_dir / EXTRA_FILE).is_file():  # saved before unfrozen modules were PEFT modules_to_save
         loaded = _load(cfg)
         save_trained(loaded.model, loaded.adapters, out)
     else:
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        for name in ADAPTER_FILES:
             shutil.copy2(run.adapter_dir / name, out / name)
     pc = json.loads((out / ADAPTER_CONFIG).read_text())
     from phi4mm_lora.model.load import resolve_path
@@ -140,16 +140,6 @@ def _adapter(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
         raise UserError(f"{run.adapter_dir}: the unfrozen tensors are not whole modules, so a PEFT folder cannot "
                         "carry them; use --format merged")
     return {"modules_to_save": pc.get("modules_to_save") or [], "mode": cfg.adapter.mode}
-
-
-def _lora_weights(peft: torch.nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """``{adapter: {module: {"A", "B"}}}`` of every attached adapter."""
-    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for name, p in peft.named_parameters():
-        m = _LORA_PARAM.match(name)
-        if m:
-            out.setdefault(m["name"], {}).setdefault(m["module"], {})[m["ab"]] = p.detach().to("cpu").clone()
-    return out
 
 
 def _spec(lc: Any, modules: list[str], every: list[str]) -> dict[str, Any]:
@@ -170,7 +160,7 @@ def _official(run: Run, cfg: RunConfig, out: Path) -> dict[str, Any]:
     loaded = _load(cfg, keep_unused=True)
     peft, state = loaded.model, loaded.adapters
     slots = ("speech", "vision")
-    weights = _lora_weights(peft)
+    weights = lora_weights_by_adapter(peft)
     extra = [n for n in state.names if n not in slots]  # stacked: the task adapter goes into the base weights
     for name in slots:
         if name in weights:

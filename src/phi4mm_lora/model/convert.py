@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import Phi4MultimodalAudioConfig, Phi4MultimodalConfig, PretrainedConfig
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.adapter_io import ADAPTER_CONFIG, lora_key, lora_parts, write_lora_weights
 from phi4mm_lora.model.compat import rope_kwargs
 
 #: The adapter regexes of the published config.json, verbatim. They are written against the
@@ -70,7 +71,6 @@ def _rule(src: str, dst: str) -> tuple[str, str]:
 NATIVE_TO_OFFICIAL: list[tuple[str, str]] = [_rule(n, o) for n, o in _RENAMES]
 OFFICIAL_TO_NATIVE: list[tuple[str, str]] = [_rule(o, n) for n, o in _RENAMES]
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[A-Za-z0-9_]+)\.weight$")
 
 
 def _rename(key: str, table: list[tuple[str, str]]) -> str:
@@ -268,11 +268,7 @@ def write_peft_adapter(folder: Path, weights: dict[str, dict[str, torch.Tensor]]
     cfg = lora_config_from_spec(spec)
     cfg.base_model_name_or_path = None
     cfg.save_pretrained(str(folder))
-    tensors = {}
-    for module, ab in weights.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = ab["A"].contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = ab["B"].contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_lora_weights(folder, weights)
 
 
 def check_adapter_nonzero(name: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -348,8 +344,8 @@ def write_official(out: Path, model: torch.nn.Module, adapters: dict[str, dict[s
         tensors[name] = value
     for name, weights in adapters.items():
         for module, ab in weights.items():
-            tensors[f"{module}.lora_A.{name}.weight"] = ab["A"]
-            tensors[f"{module}.lora_B.{name}.weight"] = ab["B"]
+            for part in ("A", "B"):
+                tensors[lora_key(module, part, name)] = ab[part]
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -379,13 +375,8 @@ def _write_official_adapter(folder: Path, weights: dict, spec: dict, layer: str,
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(spec["r"]), "lora_alpha": spec["lora_alpha"],
            "lora_dropout": float(spec.get("dp", 0.0)), "target_modules": layer, "bias": "none",
            "base_model_name_or_path": "TBA", "inference_mode": True}
-    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = {}
-    for module, ab in weights.items():
-        for ab_name in ("A", "B"):
-            t = ab[ab_name]
-            tensors[f"base_model.model.{module}.lora_{ab_name}.weight"] = (t if dtype is None else t.to(dtype)).contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+    write_lora_weights(folder, weights, dtype)
 
 
 def write_official_processor_files(out: Path, processor) -> None:
@@ -504,9 +495,10 @@ def read_official(folder: Path, dtype: torch.dtype | None = None) -> tuple[Phi4M
                                     "truncated or corrupt download?") from None
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                m = _LORA_KEY.match(key)
-                if m:
-                    adapters.setdefault(m["adapter"], {}).setdefault(m["module"], {})[m["ab"]] = tensor
+                lora = lora_parts(key)
+                if lora and lora[1] in ("A", "B") and lora[2] and key.endswith(".weight"):
+                    module, part, adapter = lora
+                    adapters.setdefault(adapter, {}).setdefault(module, {})[part] = tensor
                 else:
                     base[official_key_to_native(key)] = tensor
     for name, weights in adapters.items():

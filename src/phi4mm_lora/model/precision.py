@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.adapter_io import is_lora, strip_prefix
 
 DECODER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)")
 AUDIO_TOWER = "model.embed_tokens_extend.audio_embed.encoder"
@@ -216,7 +217,7 @@ def quantised_modules(model: torch.nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if is_quantised_module(module):
-            names.append(name.replace("base_model.model.", "", 1).replace(".base_layer", ""))
+            names.append(strip_prefix(name).replace(".base_layer", ""))
     return names
 
 
@@ -229,7 +230,7 @@ def check_plan(model: torch.nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not is_quantised_module(module):
             continue
-        if re.search(r"\.lora_(A|B)\b|lora_embedding", name):
+        if is_lora(name):
             problems.append(f"LoRA quantised - cannot train: {name}")
         elif any(p.requires_grad for p in module.parameters(recurse=False)):
             problems.append(f"trainable module quantised - cannot train: {name}")

@@ -28,12 +28,12 @@ Activations are not included: they depend on batch, length and gradient checkpoi
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any
 
 import torch
 
+from phi4mm_lora.model.adapter_io import lora_adapter, lora_parts, strip_prefix
 from phi4mm_lora.model.precision import (
     AUDIO_TOWER,
     VISION_TOWER,
@@ -52,7 +52,6 @@ COMPONENTS = (
     "embeddings/lm_head",
     "other",
 )
-_LORA = re.compile(r"\.lora_(?:A|B)\.([A-Za-z0-9_]+)\.weight$")
 _HALF = (torch.float16, torch.bfloat16)
 
 #: The published Phi-4-multimodal-instruct adapters (domain facts).
@@ -76,7 +75,7 @@ OPTIMIZER_FORMULA = (
 
 
 def _inner(name: str) -> str:
-    return name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+    return strip_prefix(name).replace(".base_layer", "")
 
 
 def component_of(name: str) -> str:
@@ -187,10 +186,10 @@ def model_report(loaded: Any) -> dict[str, Any]:
         total_bytes += b
         if p.requires_grad:
             trainable += n
-        m = _LORA.search(name)
-        if m:
+        lora = lora_parts(name)
+        if lora and lora[2]:
             a = adapters.setdefault(
-                m[1],
+                lora[2],
                 {"tensors": 0, "params": 0, "trainable_tensors": 0, "trainable_params": 0, "dtypes": {}, "quantised_modules": 0, "bytes": 0},
             )
             a["tensors"] += 1
@@ -202,8 +201,8 @@ def model_report(loaded: Any) -> dict[str, Any]:
                 a["trainable_params"] += n
             if not p.is_meta and p.is_floating_point():
                 is_zero = bool(torch.count_nonzero(p.detach()) == 0)
-                key = zero_b if ".lora_B." in name else zero_a
-                key[m[1]] = key.get(m[1], True) and is_zero
+                key = zero_b if lora[1].endswith("B") else zero_a
+                key[lora[2]] = key.get(lora[2], True) and is_zero
             continue
         c = components[component_of(name)]
         c["params"] += n
@@ -217,9 +216,9 @@ def model_report(loaded: Any) -> dict[str, Any]:
         if not is_quantised_module(module):
             continue
         quantised.append(_inner(name))
-        m = re.search(r"\.lora_(?:A|B)\.([A-Za-z0-9_]+)$", name)
-        if m and m[1] in adapters:
-            adapters[m[1]]["quantised_modules"] += 1
+        adapter = lora_adapter(name)
+        if adapter in adapters:
+            adapters[adapter]["quantised_modules"] += 1
         else:
             components[component_of(name)]["quantised_modules"] += 1
 
@@ -378,17 +377,17 @@ def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[s
         else:
             dtype = str(p.dtype).replace("torch.", "")
             b = n * p.element_size()
-        m = _LORA.search(pname)
+        adapter = lora_adapter(pname)
         total += n
-        if m and m[1] not in loaded_adapters:
+        if adapter and adapter not in loaded_adapters:
             b = 0  # in the checkpoint, not loaded by this config
         weight_b += b
         if p.requires_grad:
             trainable += n
             grad_b += n * p.element_size()
             opt_b += optimizer_bytes(n, p.dtype)
-        if m:
-            a = adapters.setdefault(m[1], {"tensors": 0, "params": 0, "trainable_params": 0, "dtypes": {}, "bytes": 0})
+        if adapter:
+            a = adapters.setdefault(adapter, {"tensors": 0, "params": 0, "trainable_params": 0, "dtypes": {}, "bytes": 0})
             a["tensors"] += 1
             a["params"] += n
             a["bytes"] += b

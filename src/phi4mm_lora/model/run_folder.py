@@ -34,19 +34,14 @@ import yaml
 from phi4mm_lora.config import AdapterConfig, ModelConfig, PromptConfig, RunConfig, load_config
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import marker_problem
+from phi4mm_lora.model.adapter_io import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, is_adapter_folder  # noqa: F401
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Written by train/checkpoint.py: RUN/checkpoints/step-<N>/{adapter/, COMPLETE}.
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = "COMPLETE"
 #: What a checkpoint with an older marker (no file list) must hold to be evaluated.
-_LEGACY_ADAPTER = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+_LEGACY_ADAPTER = tuple(f"adapter/{name}" for name in ADAPTER_FILES)
 _STRUCTURE_KEYS = ("mode", "base", "name", "r", "alpha", "dropout", "target_modules", "include_towers", "trainable")
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
 
 @dataclass

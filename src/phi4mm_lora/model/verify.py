@@ -11,15 +11,13 @@ gradient exactly zero by construction.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from phi4mm_lora.model.adapter_io import lora_adapter
 from phi4mm_lora.model.load import Loaded
-
-LORA = re.compile(r"\.lora_[AB]\.([A-Za-z0-9_]+)\.weight$")
 
 
 @dataclass
@@ -85,8 +83,7 @@ def verify_loaded(loaded: Loaded, audio: np.ndarray | None = None, steps: int = 
     res.trainable = len(trainable)
     trainable_adapter = loaded.adapters.trainable_adapter
     for n, p in model.named_parameters():
-        m = LORA.search(n)
-        if m and m[1] == trainable_adapter and not p.requires_grad:
+        if lora_adapter(n) == trainable_adapter and not p.requires_grad:
             res.failures.append(f"LoRA frozen: {n} belongs to the trainable adapter but has requires_grad=False")
     if not trainable:
         res.failures.append("nothing is trainable")

@@ -42,14 +42,14 @@ from typing import Any
 
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import free_mb, is_disk_full, marker_problem, tree_mb
+from phi4mm_lora.model.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 #: What every checkpoint holds; how a marker without a file list (older versions) is checked.
-LEGACY_REQUIRED = (STATE_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors", f"{ADAPTER_DIR}/adapter_config.json",
-                   "rng-rank0.pt")
+LEGACY_REQUIRED = (STATE_FILE, f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}", f"{ADAPTER_DIR}/{ADAPTER_CONFIG}", "rng-rank0.pt")
 #: Prefixes of folders that are never checkpoints: being written, being replaced, being deleted.
 _TRANSIENT = (".tmp-", ".old-", ".del-")
 

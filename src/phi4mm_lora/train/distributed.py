@@ -202,22 +202,16 @@ def load_trained(accelerator: Any, model: torch.nn.Module, peft: torch.nn.Module
                  folder: Path) -> bool:
     """Load a saved adapter (+ unfrozen modules) into sharded parameters; ``False`` if not sharded.
 
-    The PEFT file names tensors without the adapter name (``...lora_A.weight``); the model
-    names them ``...lora_A.<adapter>.weight``. Every process passes the full tensors and torch
-    keeps its own shard.
+    :func:`~phi4mm_lora.model.adapter_io.model_state` names the saved tensors as the model
+    does; every process passes the full tensors and torch keeps its own shard.
     """
     if not is_fsdp(accelerator):
         return False
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from phi4mm_lora.model.adapters import EXTRA_FILE
+    from phi4mm_lora.model.adapter_io import model_state
 
-    full: dict[str, torch.Tensor] = {}
-    for k, v in load_file(str(folder / "adapter_model.safetensors")).items():
-        full[re.sub(r"\.(lora_[A-Za-z_]+)\.weight$", rf".\1.{adapter_name}.weight", k)] = v
-    if (folder / EXTRA_FILE).is_file():
-        full.update({f"base_model.model.{k}": v for k, v in load_file(str(folder / EXTRA_FILE)).items()})
+    full = model_state(folder, adapter_name)
     buffers = {n for n, _ in peft.named_buffers()}  # saved with PEFT modules_to_save, never trained
     full = {k: v for k, v in full.items() if k not in buffers}
     wanted = set(trainable_names(peft))

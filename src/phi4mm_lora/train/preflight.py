@@ -20,7 +20,8 @@ from typing import Any
 
 from phi4mm_lora.config import RunConfig
 from phi4mm_lora.errors import UserError
-from phi4mm_lora.fileio import check_weight_files, check_writable_dir, read_text, safetensors_header
+from phi4mm_lora.fileio import check_weight_files, check_writable_dir, read_text
+from phi4mm_lora.model.adapter_io import check_adapter_folder
 from phi4mm_lora.train import checkpoint as ckpt
 from phi4mm_lora.train.runlock import owner_of
 
@@ -96,22 +97,6 @@ def check_model_folder(path: str | None) -> None:
     if not (p / "config.json").is_file():
         raise UserError(f"model.path {p} has no config.json: not a model checkpoint folder")
     check_weight_files(p)
-
-
-def check_adapter_folder(path: str | Path, what: str = "adapter") -> None:
-    """A PEFT adapter folder: config + weights present, weights not truncated."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"{what} {p} not found; pass a folder holding adapter_config.json and adapter_model.safetensors")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (p / name).is_file():
-            raise UserError(f"{what} {p} has no {name}; pass a trained adapter folder (RUN/adapter)")
-    try:
-        json.loads(read_text(p / "adapter_config.json", f"{what} config"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{p / 'adapter_config.json'} is not valid JSON ({exc}); the adapter is damaged") from None
-    for f in sorted(p.glob("*.safetensors")):
-        safetensors_header(f, f"{what} weights")
 
 
 def resume_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
