@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from phi4mm_lora.data.prompts import generation_prompt, training_text, user_prompt
 from phi4mm_lora.model.adapter_io import lora_adapter
 from phi4mm_lora.model.load import Loaded
 
@@ -47,12 +48,9 @@ def example_batch(loaded: Loaded, audio: np.ndarray, answer: str = '{"accuracy":
     """One supervised chat example: labels only on the answer and its end marker."""
     proc = loaded.processor
     tok = proc.tokenizer
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": f"<|APA|>{proc.audio_token}Rate the pronunciation."}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    batch = proc(text=[prompt + answer + "<|end|>"], audio=[audio], return_tensors="pt")
+    user = user_prompt("apa", "Rate the pronunciation.", proc.audio_token)
+    prompt = generation_prompt(user, tok)
+    batch = proc(text=[training_text(user, answer, tok)], audio=[audio], return_tensors="pt")
     n_prompt = len(proc(text=[prompt], audio=[audio], return_tensors="pt")["input_ids"][0])
     labels = batch["input_ids"].clone()
     labels[:, :n_prompt] = -100
