@@ -88,11 +88,11 @@ class _MicroBatches(torch.utils.data.Dataset):
         return self.collator([self.examples[j] for j in self.batches[i]])
 
 
-def _mixed_precision(plan) -> str:
+def _mixed_precision(precision_plan) -> str:
     """fp16 plans need loss scaling; bf16 plans autocast so fp32 LoRA and bf16 base mix cleanly."""
-    if plan.dtype == torch.float16:
+    if precision_plan.dtype == torch.float16:
         return "fp16"
-    if plan.dtype == torch.bfloat16:
+    if precision_plan.dtype == torch.bfloat16:
         return "bf16"
     return "no"
 
@@ -125,9 +125,9 @@ def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
     return math.ceil(n_batches / per_step) if world == 1 else n_batches // per_step
 
 
-def rank_batches(plan: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
+def rank_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
     """This process's micro-batches of optimizer step ``step`` (within the epoch)."""
-    chunk = plan[step * world * accum : (step + 1) * world * accum]
+    chunk = batches[step * world * accum : (step + 1) * world * accum]
     return chunk[rank::world]
 
 
