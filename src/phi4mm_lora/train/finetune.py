@@ -181,7 +181,7 @@ def train(
 
     First every check that needs no model (:func:`~phi4mm_lora.train.preflight.preflight`, the
     same that ``validate`` runs), then the run folder is locked for this process (one owner per
-    run folder), then :func:`_train` does the work.
+    run folder), then :class:`FinetuneRecipe` does the work (setup -> fit -> cleanup).
     """
     from phi4mm_lora.train.preflight import preflight
     from phi4mm_lora.train.runlock import RunLock
