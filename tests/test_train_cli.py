@@ -90,9 +90,9 @@ def test_nan_loss_stops_with_step_examples_and_checkpoint(manifest, cfg_file, tm
 
 
 def test_refuses_quantised_lora(manifest, cfg_file, tmp_path, capsys, monkeypatch):
-    import phi4mm_lora.model.precision as precision
+    import phi4mm_lora.model.load as load  # the one place check_plan runs for a training run
 
-    monkeypatch.setattr(precision, "check_plan", lambda m: ["LoRA quantised - cannot train: x.lora_A.speech"])
+    monkeypatch.setattr(load, "check_plan", lambda m: ["LoRA quantised - cannot train: x.lora_A.speech"])
     assert main(["train", str(cfg_file), *small_overrides(manifest, tmp_path / "q")]) == 2
     assert "LoRA quantised - cannot train" in capsys.readouterr().err
 

@@ -84,3 +84,56 @@ def test_atomic_dir_never_looks_complete_on_failure(tmp_path):
     assert not final.exists() and ckpt.latest_checkpoint(tmp_path) is None
     ckpt.write_atomic_dir(final, lambda f: (f / "x").write_text("1"))
     assert (final / ckpt.MARKER).is_file() and ckpt.latest_checkpoint(tmp_path) == final
+
+
+def test_checkpoint_of_b3a40f9_format_resumes(tmp_path):
+    """``training_state.pt`` as commit b3a40f9 wrote it (a plain dict, built here key by key
+    from that version's writer) loads as a :class:`~phi4mm_lora.train.checkpoint.TrainState`
+    and a run resumed from it ends exactly where the uninterrupted run ended."""
+    import torch
+
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.train.finetune import train
+
+    manifest = make_manifest(tmp_path / "data", n=4)
+    extra = {"train__save_every_steps": 1, "train__save_every_epoch": False, "adapter__trainable": "lora",
+             "adapter__mode": "pretrained", "adapter__dropout": 0.1}
+    first = tmp_path / "first"
+    train(load_config(None, small_overrides(manifest, first, **extra)), progress=False, log=lambda _m: None)
+    step1 = first / "checkpoints" / ckpt.checkpoint_name(1)
+    new = torch.load(step1 / ckpt.STATE_FILE, weights_only=False)
+    old = {  # b3a40f9 finetune.py _write_checkpoint, in its order
+        "optimizer": new["optimizer"], "scheduler": new["scheduler"], "scaler": None,
+        "epoch": 0, "step_in_epoch": 1, "global_step": 1,
+        "world_size": 1, "config": new["config"], "total_steps": 2,
+    }
+    assert new == old  # today's writer still writes exactly the old keys: older versions can resume it too
+    torch.save(old, step1 / ckpt.STATE_FILE)
+    sizes = {p.relative_to(step1).as_posix(): p.stat().st_size for p in sorted(step1.rglob("*"))
+             if p.is_file() and p.name != ckpt.MARKER}
+    (step1 / ckpt.MARKER).write_text(json.dumps({"files": sizes}, indent=0, sort_keys=True) + "\n")
+
+    state = ckpt.load_training_state(step1)
+    assert isinstance(state, ckpt.TrainState)
+    assert (state.global_step, state.epoch, state.step_in_epoch, state.total_steps) == (1, 0, 1, 2)
+    assert state.state_dict().keys() == old.keys()
+
+    resumed = tmp_path / "resumed"
+    result = train(load_config(None, small_overrides(manifest, resumed, **extra)), resume=step1, progress=False,
+                   log=lambda _m: None)
+    assert result.summary["resumed_from"] == str(step1) and result.summary["steps"] == 2
+    assert max_diff(read_trained(resumed / "adapter"), read_trained(first / "adapter")) == 0.0
+
+
+def test_training_state_that_is_not_one_is_refused_in_one_line(tmp_path):
+    import torch
+
+    folder = tmp_path / "step-00000001"
+    folder.mkdir()
+    torch.save({"optimizer": {}, "scheduler": {}}, folder / ckpt.STATE_FILE)
+    with pytest.raises(UserError, match=r"not a training state of this project \(it lacks global_step, epoch, "
+                                        r"step_in_epoch\)"):
+        ckpt.load_training_state(folder)
+    torch.save(torch.zeros(3), folder / ckpt.STATE_FILE)
+    with pytest.raises(UserError, match="not a training state"):
+        ckpt.load_training_state(folder)

@@ -5,10 +5,11 @@ A checkpoint folder ``<run>/checkpoints/step-00000012/`` holds
 * ``adapter/`` - the trained adapter in PEFT format (+ ``trainable_modules.safetensors``
   for unfrozen modules), written by :func:`~phi4mm_lora.model.adapters.save_trained`, so any
   checkpoint is directly usable for evaluation;
-* ``training_state.pt`` - optimizer, scheduler, loss-scaler state and progress (epoch, steps
-  done within that epoch, global step). Under FSDP the optimizer state is the full, unsharded
-  one keyed by parameter name (gathered by :mod:`phi4mm_lora.train.distributed`); under
-  DeepSpeed it is ``None`` and the engine's own files are in ``deepspeed/``;
+* ``training_state.pt`` - a :class:`TrainState`: optimizer, scheduler, loss-scaler state and
+  progress (epoch, steps done within that epoch, global step), saved as the plain dict of
+  :meth:`TrainState.state_dict`. Under FSDP the optimizer state is the full, unsharded one keyed
+  by parameter name (gathered by :mod:`phi4mm_lora.train.distributed`); under DeepSpeed it is
+  ``None`` and the engine's own files are in ``deepspeed/``;
 * ``rng-rank<N>.pt`` - python/numpy/torch (and CUDA) RNG state of every process;
 * ``COMPLETE`` - written last: JSON listing every other file of the folder with its size.
 
@@ -37,6 +38,7 @@ import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -287,16 +289,84 @@ def resolve_resume(resume: str | Path | bool, run_dir: Path) -> Path:
     return found
 
 
-def load_training_state(folder: Path) -> dict[str, Any]:
+@dataclass
+class TrainState:
+    """Everything but the weights and the RNG streams that a run needs to continue exactly.
+
+    The one definition of ``training_state.pt``: the trainer fills it, :func:`load_training_state`
+    reads it back, ``validate``/``--resume`` checks read its fields. On disk it is the plain dict
+    of :meth:`state_dict` (``torch.save``), with the same keys every earlier version wrote, so
+    checkpoints of earlier versions load and earlier versions can load these. The trained
+    tensors are in ``adapter/`` and the RNG states in ``rng-rank<N>.pt`` (one per process).
+    """
+
+    #: Optimizer steps done in the whole run (the ``N`` of ``step-N``).
+    global_step: int
+    #: The epoch to continue in, and how many of its optimizer steps are done
+    #: (an epoch-end checkpoint says ``epoch + 1, 0``).
+    epoch: int
+    step_in_epoch: int
+    #: ``optimizer.state_dict()``; full and keyed by parameter name under FSDP; ``None`` under DeepSpeed.
+    optimizer: dict | None
+    #: The LR scheduler's ``state_dict()``.
+    scheduler: dict
+    #: The fp16 loss scaler's ``state_dict()`` (``None`` for other precisions).
+    scaler: dict | None = None
+    #: Processes that trained (each has its ``rng-rank<N>.pt``).
+    world_size: int = 1
+    #: The run config as JSON-ready dict (what ``--resume`` compares against); ``None`` if unknown.
+    config: dict | None = None
+    #: The run's planned steps; ``None`` in checkpoints of versions that did not record it.
+    total_steps: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dict ``torch.save`` writes (not ``dataclasses.asdict``: that deep-copies the optimizer's tensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the values of ``state`` (keys an earlier version did not write keep their defaults)."""
+        names = {f.name for f in fields(self)}
+        for k, v in state.items():
+            if k in names:
+                setattr(self, k, v)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TrainState:
+        """A state from a saved dict; raises ``KeyError`` naming what a training state must hold."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a training state is a dict, not a {type(state).__name__}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+        out = cls(**{k: state[k] for k in required})
+        out.load_state_dict(state)
+        return out
+
+    def save(self, folder: Path) -> Path:
+        import torch
+
+        f = Path(folder) / STATE_FILE
+        torch.save(self.state_dict(), f)
+        return f
+
+
+def load_training_state(folder: Path) -> TrainState:
     import torch  # here, not at the top: validate and --help import this module and must start fast
 
     f = Path(folder) / STATE_FILE
     try:
-        return torch.load(f, weights_only=False)
+        raw = torch.load(f, weights_only=False)
     except FileNotFoundError:
         raise UserError(f"checkpoint {folder} has no {STATE_FILE}; resume from another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"{f} is damaged ({str(exc).splitlines()[0][:120]}); resume from another checkpoint "
+                        "(--resume RUN/checkpoints/step-N)") from None
+    try:
+        return TrainState.from_state_dict(raw)
+    except (KeyError, TypeError) as exc:  # not a dict, or a dict without the progress keys
+        what = f"it lacks {exc.args[0]}" if isinstance(exc, KeyError) else f"it holds a {type(raw).__name__}"
+        raise UserError(f"{f} is not a training state of this project ({what}); resume from another checkpoint "
                         "(--resume RUN/checkpoints/step-N)") from None
 
 
@@ -304,6 +374,7 @@ __all__ = [
     "ADAPTER_DIR",
     "MARKER",
     "STATE_FILE",
+    "TrainState",
     "begin_atomic_dir",
     "checkpoint_name",
     "damaged_checkpoints",

@@ -1,4 +1,4 @@
-"""The training recipe: one readable function, setup -> train -> cleanup.
+"""The training recipe: :class:`FinetuneRecipe`, setup -> fit (train steps) -> cleanup, behind :func:`train`.
 
 Run with ``phi4mm-lora train CONFIG.yaml`` on one device, under ``accelerate launch
 --num_processes N -m phi4mm_lora train CONFIG.yaml`` on several GPUs (DDP), or with
@@ -88,11 +88,11 @@ class _MicroBatches(torch.utils.data.Dataset):
         return self.collator([self.examples[j] for j in self.batches[i]])
 
 
-def _mixed_precision(plan) -> str:
+def _mixed_precision(precision_plan) -> str:
     """fp16 plans need loss scaling; bf16 plans autocast so fp32 LoRA and bf16 base mix cleanly."""
-    if plan.dtype == torch.float16:
+    if precision_plan.dtype == torch.float16:
         return "fp16"
-    if plan.dtype == torch.bfloat16:
+    if precision_plan.dtype == torch.bfloat16:
         return "bf16"
     return "no"
 
@@ -125,9 +125,9 @@ def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
     return math.ceil(n_batches / per_step) if world == 1 else n_batches // per_step
 
 
-def rank_batches(plan: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
+def rank_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
     """This process's micro-batches of optimizer step ``step`` (within the epoch)."""
-    chunk = plan[step * world * accum : (step + 1) * world * accum]
+    chunk = batches[step * world * accum : (step + 1) * world * accum]
     return chunk[rank::world]
 
 
@@ -181,7 +181,7 @@ def train(
 
     First every check that needs no model (:func:`~phi4mm_lora.train.preflight.preflight`, the
     same that ``validate`` runs), then the run folder is locked for this process (one owner per
-    run folder), then :func:`_train` does the work.
+    run folder), then :class:`FinetuneRecipe` does the work (setup -> fit -> cleanup).
     """
     from phi4mm_lora.train.preflight import preflight
     from phi4mm_lora.train.runlock import RunLock
@@ -252,323 +252,428 @@ def _train(
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """The run itself, after :func:`train`'s checks and lock."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    recipe = FinetuneRecipe(cfg, pf, evaluate_fn, progress=progress, log=log)
+    recipe.setup()
+    recipe.fit()
+    return recipe.cleanup()
 
-    from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, build_examples
-    from phi4mm_lora.model.adapters import load_extra_modules, save_trained
-    from phi4mm_lora.model.load import load_model, resolve_path
-    from phi4mm_lora.model.precision import check_plan, pick_device, resolve_plan
 
-    t_start = time.perf_counter()
-    tc = cfg.train
-    run_dir = Path(cfg.output_dir).expanduser()
+@dataclass
+class StepOutcome:
+    """What one optimizer step did, summed over processes."""
+
+    loss: float
+    grad_norm: float | None
+    label_tokens: int
+    examples: int
+    tokens: int
+
+
+class FinetuneRecipe:
+    """The recipe in torchtune's shape: :meth:`setup` -> :meth:`fit` -> :meth:`cleanup`.
+
+    :meth:`fit` runs the epochs; each optimizer step is :meth:`train_step` on this process's
+    micro-batches; :meth:`save_checkpoint` and :meth:`evaluate` run between steps. Every part
+    is a method of its own, so a profiler or ``scripts/bench_train_cpu.py`` can time it alone.
+    :func:`train` is the public entry point (checks and run-folder lock first).
+    """
+
+    def __init__(self, cfg: RunConfig, pf, evaluate_fn: EvaluateFn | None = None, *, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.t_start = time.perf_counter()
+        self.cfg, self.tc, self.pf, self.evaluate_fn = cfg, cfg.train, pf, evaluate_fn
+        self.progress, self.log = progress, log
+        self.run_dir = Path(cfg.output_dir).expanduser()
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.resume_from: Path | None = pf.resume_from
+        self.last_ckpt: Path | None = pf.resume_from
+        self.epoch0 = self.step0 = self.global_step = 0
+        self.losses: list[float] = []
+        self.eval_rows: list[dict] = []
+        self.n_examples = self.n_tokens = 0
+        self.last_eval_step: int | None = None
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            from tqdm.auto import tqdm
+
+            (self.log or tqdm.write)(msg)
+
+    def record(self, row: dict) -> None:
+        """One line of ``metrics.jsonl`` (main process)."""
+        if self.main:
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps(finite_row(row), allow_nan=False) + "\n")
 
     # ------------------------------------------------------------------ setup
-    plan_guess = resolve_plan(cfg.precision, pick_device(cfg.model.device))
-    # accelerate keeps its settings in a process-wide singleton; a second run in the same
-    # process (tests, a notebook, demo then eval) may use another precision, so start clean.
-    # The distributed process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    trackers.check_available(tc.report_to)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(plan_guess), cpu=plan_guess.device.type == "cpu",
-                              log_with=trackers.log_with(tc.report_to, run_dir) or None)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    def setup(self) -> None:
+        """Accelerator, model, data, optimizer, resume, run folder - in this order (the seed is
+        set before the model loads; nothing draws random numbers between here and the loop)."""
+        self._setup_accelerator()
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        if self.resume_from is not None:
+            self._resume()
+        self._start_run_folder()
 
-    def say(msg: str) -> None:
-        if main:
-            (log or tqdm.write)(msg)
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
-    resume_from = pf.resume_from
-    resolve_path(cfg.model)  # builds the tiny model on first use; that draws random numbers, so before seeding
-    set_seed(cfg.seed)
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    model, processor, state = loaded.model, loaded.processor, loaded.adapters
-    problems = check_plan(model)
-    if problems:
-        raise UserError("refusing to train: " + "; ".join(problems[:5]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("refusing to train: no parameter requires grad (check adapter.mode/adapter.trainable)")
-    if loaded.plan.lora_dtype is None:
-        # fp32 master weights for everything that trains (unfrozen towers load in the plan's
-        # bf16/fp16): small AdamW updates vanish in bf16, and fp16 loss scaling cannot unscale
-        # fp16 gradients. autocast still runs the matmuls in half precision.
-        for p in params:
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-    n_trainable = sum(p.numel() for p in params)
-    if tc.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model.config.use_cache = False
+        from phi4mm_lora.model.precision import pick_device, resolve_plan
 
-    if pf.examples is not None and processor.audio_token == DEFAULT_AUDIO_TOKEN:
-        examples, report = pf.examples, pf.report  # built by the pre-flight checks
-    else:
-        examples, report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
-                                          audio_token=processor.audio_token, seed=cfg.seed)
-    if not examples:
-        raise UserError(f"no training examples in split {cfg.data.train_split!r}: {report}")
-    cache = None
-    if cfg.data.feature_cache:
-        from phi4mm_lora.data.cache import FeatureCache
+        precision_plan = resolve_plan(self.cfg.precision, pick_device(self.cfg.model.device))
+        # accelerate keeps its settings in a process-wide singleton; a second run in the same
+        # process (tests, a notebook, demo then eval) may use another precision, so start clean.
+        # The distributed process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+        trackers.check_available(self.tc.report_to)
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(precision_plan),
+                                       cpu=precision_plan.device.type == "cpu",
+                                       log_with=trackers.log_with(self.tc.report_to, self.run_dir) or None)
+        acc = self.accelerator
+        self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
 
-        cache = FeatureCache(cfg.data.feature_cache, processor.audio_processor)
-    collator = Collator(processor, padding_side=tc.padding_side, feature_cache=cache)
-    lengths = [estimate_length(ex) for ex in examples]
-    n_batches = math.ceil(len(examples) / tc.batch_size)
-    spe = steps_per_epoch(n_batches, world, tc.grad_accum)
-    if spe == 0:
-        raise UserError(f"{len(examples)} examples make {n_batches} batches, fewer than processes x grad_accum "
-                        f"({world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum")
-    total_steps = math.ceil(tc.epochs * spe)
-    if tc.max_steps is not None:
-        total_steps = min(total_steps, tc.max_steps)
-    n_epochs = math.ceil(total_steps / spe)
-    if pf.state is not None and pf.state["global_step"] >= total_steps:
-        from phi4mm_lora.train.preflight import NothingToDo
+    def _setup_model(self) -> None:
+        from accelerate.utils import set_seed
 
-        raise NothingToDo(f"run {run_dir} already finished: {resume_from.name} is step {pf.state['global_step']} "
-                          f"of {total_steps}; nothing changed. To train further, raise train.epochs or "
-                          "train.max_steps (with --resume-with-changes)")
+        from phi4mm_lora.model.load import load_model, resolve_path
 
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    # The scheduler is not prepared: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    peft = accelerator.unwrap_model(model)
-    setup_notes = distributed.check_setup(accelerator, tc.grad_accum)
+        cfg = self.cfg
+        resolve_path(cfg.model)  # builds the tiny model on first use; that draws random numbers, so before seeding
+        set_seed(cfg.seed)
+        # load_model refuses a model that cannot train (precision.check_plan): checked once, there
+        self.loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+        self.model, self.processor, self.adapters = self.loaded.model, self.loaded.processor, self.loaded.adapters
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("refusing to train: no parameter requires grad (check adapter.mode/adapter.trainable)")
+        if self.loaded.plan.lora_dtype is None:
+            # fp32 master weights for everything that trains (unfrozen towers load in the plan's
+            # bf16/fp16): small AdamW updates vanish in bf16, and fp16 loss scaling cannot unscale
+            # fp16 gradients. autocast still runs the matmuls in half precision.
+            for p in self.params:
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+        self.n_trainable = sum(p.numel() for p in self.params)
+        if self.tc.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.model.config.use_cache = False
 
-    epoch0, step0, global_step = 0, 0, 0
-    if resume_from is not None:
+    def _setup_data(self) -> None:
+        from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, build_examples
+
+        cfg, tc, pf = self.cfg, self.tc, self.pf
+        if pf.examples is not None and self.processor.audio_token == DEFAULT_AUDIO_TOKEN:
+            self.examples, self.report = pf.examples, pf.report  # built by the pre-flight checks
+        else:
+            self.examples, self.report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
+                                                        audio_token=self.processor.audio_token, seed=cfg.seed)
+        if not self.examples:
+            raise UserError(f"no training examples in split {cfg.data.train_split!r}: {self.report}")
+        cache = None
+        if cfg.data.feature_cache:
+            from phi4mm_lora.data.cache import FeatureCache
+
+            cache = FeatureCache(cfg.data.feature_cache, self.processor.audio_processor)
+        self.collator = Collator(self.processor, padding_side=tc.padding_side, feature_cache=cache)
+        self.lengths = [estimate_length(ex) for ex in self.examples]
+        n_batches = math.ceil(len(self.examples) / tc.batch_size)
+        self.spe = steps_per_epoch(n_batches, self.world, tc.grad_accum)
+        if self.spe == 0:
+            raise UserError(f"{len(self.examples)} examples make {n_batches} batches, fewer than processes x grad_accum "
+                            f"({self.world} x {tc.grad_accum}); lower train.batch_size or train.grad_accum")
+        self.total_steps = math.ceil(tc.epochs * self.spe)
+        if tc.max_steps is not None:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.n_epochs = math.ceil(self.total_steps / self.spe)
+        if pf.state is not None and pf.state.global_step >= self.total_steps:
+            from phi4mm_lora.train.preflight import NothingToDo
+
+            raise NothingToDo(f"run {self.run_dir} already finished: {self.resume_from.name} is step "
+                              f"{pf.state.global_step} of {self.total_steps}; nothing changed. To train further, "
+                              "raise train.epochs or train.max_steps (with --resume-with-changes)")
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        tc = self.tc
+        optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        # The scheduler is not prepared: accelerate would step it once per process.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.peft = self.accelerator.unwrap_model(self.model)
+        self.setup_notes = distributed.check_setup(self.accelerator, tc.grad_accum)
+
+    def _resume(self) -> None:
+        """Adapters, optimizer, scheduler, loss scaler, RNG and position from ``resume_from``."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        st = pf.state if pf.state is not None else ckpt.load_training_state(resume_from)
-        adapter = resume_from / ckpt.ADAPTER_DIR
+        from phi4mm_lora.model.adapters import load_extra_modules
+
+        acc, folder, trainable = self.accelerator, self.resume_from, self.adapters.trainable_adapter
+        st = self.pf.state if self.pf.state is not None else ckpt.load_training_state(folder)
+        adapter = folder / ckpt.ADAPTER_DIR
         try:
-            if not distributed.load_trained(accelerator, model, peft, state.trainable_adapter, adapter):
-                set_peft_model_state_dict(peft, load_file(str(adapter / "adapter_model.safetensors")),
-                                          adapter_name=state.trainable_adapter)
-                load_extra_modules(peft, adapter)
-            distributed.load_optimizer_state(accelerator, model, optimizer, st["optimizer"], resume_from)
+            if not distributed.load_trained(acc, self.model, self.peft, trainable, adapter):
+                set_peft_model_state_dict(self.peft, load_file(str(adapter / "adapter_model.safetensors")),
+                                          adapter_name=trainable)
+                load_extra_modules(self.peft, adapter)
+            distributed.load_optimizer_state(acc, self.model, self.optimizer, st.optimizer, folder)
         except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups differ
-            raise UserError(f"checkpoint {resume_from} does not fit this model/adapter ({str(exc).splitlines()[0][:160]}); "
+            raise UserError(f"checkpoint {folder} does not fit this model/adapter ({str(exc).splitlines()[0][:160]}); "
                             "resume with the settings it was saved with") from None
-        scheduler.load_state_dict(st["scheduler"])
-        for note in _apply_changed_schedule(optimizer, scheduler, tc, pf.changed):
-            pf.notes.append(note)
-        if st.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(st["scaler"])
-        epoch0, step0, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
-        ckpt.load_rng(resume_from, rank)
-        say(f"resumed from {resume_from} (epoch {epoch0}, step {global_step})")
+        self.scheduler.load_state_dict(st.scheduler)
+        for note in _apply_changed_schedule(self.optimizer, self.scheduler, self.tc, self.pf.changed):
+            self.pf.notes.append(note)
+        if st.scaler is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(st.scaler)
+        self.epoch0, self.step0, self.global_step = st.epoch, st.step_in_epoch, st.global_step
+        ckpt.load_rng(folder, self.rank)
+        self.say(f"resumed from {folder} (epoch {self.epoch0}, step {self.global_step})")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = run_dir / "metrics.jsonl"
-    if main:
-        dump_config(cfg, run_dir / "config.yaml")
-        if resume_from is None:
-            metrics_file.write_text("")
-        else:  # drop lines logged after the checkpoint we resume from (and a torn last line)
-            kept, torn = read_metrics(metrics_file, global_step)
-            pf.notes.extend(torn)
-            _write_jsonl(metrics_file, [finite_row(r) for r in kept])
-    trackers.start(accelerator, cfg, run_dir)  # train.report_to; the config as hyperparameters
-    say(f"run {run_dir}: {len(examples)} examples, {spe} steps/epoch, {total_steps} steps, "
-        f"{world} process(es) ({distributed.kind(accelerator)}), precision {loaded.plan.name}, trainable {n_trainable:,} params "
-        f"({state.trainable_adapter}{' + ' + ', '.join(state.unfrozen_prefixes) if state.unfrozen_prefixes else ''})")
-    for note in report.problems[:5]:
-        say(f"data: skipped {note}")
-    for note in setup_notes:
-        say(f"warning: {note}")
-    for note in pf.notes:
-        say(f"note: {note}")
-
-    def record(row: dict) -> None:
-        if main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(finite_row(row), allow_nan=False) + "\n")
-
-    last_ckpt: Path | None = resume_from
-
-    def save_checkpoint(epoch: int, step_in_epoch: int) -> Path:
-        final = run_dir / "checkpoints" / ckpt.checkpoint_name(global_step)
-        tmp = ckpt.temp_dir_for(final)
-        if main:
-            ckpt.ensure_space(final, last_ckpt, n_trainable)
-            ckpt.begin_atomic_dir(final)
-        accelerator.wait_for_everyone()
-        with ckpt.disk_full_guard(final, last_ckpt, n_trainable):
-            _write_checkpoint(final, tmp, epoch, step_in_epoch)
-        if main:
-            ckpt.prune_checkpoints(run_dir, tc.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return final
-
-    def _write_checkpoint(final: Path, tmp: Path, epoch: int, step_in_epoch: int) -> None:
-        ckpt.save_rng(tmp, rank)
-        # collectives: under FSDP/DeepSpeed every process helps gather the full tensors
-        trained = distributed.gather_trained(accelerator, model, peft)
-        optim_state = distributed.optimizer_state(accelerator, model, optimizer, tmp)
-        accelerator.wait_for_everyone()
-        if main:
-            save_trained(peft, state, tmp / ckpt.ADAPTER_DIR, trained)
-            torch.save({
-                "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "world_size": world, "config": cfg.model_dump(mode="json"), "total_steps": total_steps,
-            }, tmp / ckpt.STATE_FILE)
-            ckpt.finish_atomic_dir(tmp, final)
-
-    last_eval_step: int | None = None
-
-    def run_eval(epoch_value: float, when: str, step: int | None = None) -> None:
-        """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
-        nonlocal last_eval_step
-        if main:
-            model.eval()
-            with torch.no_grad():
-                extra = {} if step is None else {"step": step}
-                result = dict(evaluate_fn(peft, processor, epoch_value, **extra))
-            model.train()
-            erow = {"type": "eval", "step": global_step, "epoch": epoch_value, **result}
-            eval_rows.append(erow)
-            record(erow)
-            accelerator.log({f"eval/{k}": v for k, v in result.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=global_step)
-            say(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in result.items()))
-        last_eval_step = global_step
-        accelerator.wait_for_everyone()
+    def _start_run_folder(self) -> None:
+        """config.yaml, metrics.jsonl (cut back to the resumed step), trackers, the opening lines."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+            if self.resume_from is None:
+                self.metrics_file.write_text("")
+            else:  # drop lines logged after the checkpoint we resume from (and a torn last line)
+                kept, torn = read_metrics(self.metrics_file, self.global_step)
+                self.pf.notes.extend(torn)
+                _write_jsonl(self.metrics_file, [finite_row(r) for r in kept])
+        trackers.start(self.accelerator, self.cfg, self.run_dir)  # train.report_to; the config as hyperparameters
+        a = self.adapters
+        self.say(f"run {self.run_dir}: {len(self.examples)} examples, {self.spe} steps/epoch, {self.total_steps} steps, "
+                 f"{self.world} process(es) ({distributed.kind(self.accelerator)}), precision {self.loaded.plan.name}, "
+                 f"trainable {self.n_trainable:,} params "
+                 f"({a.trainable_adapter}{' + ' + ', '.join(a.unfrozen_prefixes) if a.unfrozen_prefixes else ''})")
+        for note in self.report.problems[:5]:
+            self.say(f"data: skipped {note}")
+        for note in self.setup_notes:
+            self.say(f"warning: {note}")
+        for note in self.pf.notes:
+            self.say(f"note: {note}")
 
     # ------------------------------------------------------------------ train
-    model.train()
-    losses: list[float] = []
-    eval_rows: list[dict] = []
-    n_examples = n_tokens = 0
-    t_loop = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=global_step, desc="train", unit="step", disable=not (main and progress),
-               dynamic_ncols=True)
-    for epoch in range(epoch0, n_epochs):
-        plan = batch_plan(lengths, tc.batch_size, cfg.seed, epoch, tc.group_by_length)
-        first = step0 if epoch == epoch0 else 0
-        last = min(spe, first + total_steps - global_step)
-        mine = [b for s in range(first, last) for b in rank_batches(plan, s, world, rank, tc.grad_accum)]
-        loader = torch.utils.data.DataLoader(_MicroBatches(examples, mine, collator), batch_size=None,
-                                             num_workers=tc.num_workers, collate_fn=lambda b: b,
-                                             # own generator: iter() must not draw from the global RNG,
-                                             # or a resumed run's dropout masks would drift from the original
-                                             generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        it = iter(loader)
-        for s in range(first, last):
-            n_micro = len(rank_batches(plan, s, world, rank, tc.grad_accum))
-            micro = [_to_device(next(it), accelerator.device) for _ in range(n_micro)]
-            ids = [i for b in micro for i in b["example_ids"]]
-            n_local = sum(loss_mod.count_label_tokens(b["labels"]) for b in micro)
-            n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum"))
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for j, b in enumerate(micro):
-                sync = nullcontext() if j == n_micro - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    part, _ = loss_mod.answer_loss_sum(model, b)
-                    # DDP, FSDP and DeepSpeed average gradients over processes; * world undoes that.
-                    accelerator.backward(part / max(n_total, 1) * world)
-                loss_sum += part.detach().float()
-            step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_total, 1)
-            if not math.isfinite(step_loss):
-                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-                raise TrainingDiverged(
-                    f"loss is {step_loss} at step {global_step + 1} (epoch {epoch}); examples in this step: "
-                    f"{', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}; {where}. Lower train.lr, "
-                    "check these samples, or use another precision")
-            grad_norm = None
-            if tc.max_grad_norm is not None:
-                grad_norm = distributed.grad_norm_value(accelerator.clip_grad_norm_(
-                    distributed.clip_parameters(accelerator, model, params), tc.max_grad_norm))
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
+    def epoch_loader(self, epoch: int, batches: list[list[int]], first: int, last: int):
+        """This process's collated micro-batches of steps ``first..last-1`` of ``epoch``."""
+        tc = self.tc
+        mine = [b for s in range(first, last) for b in rank_batches(batches, s, self.world, self.rank, tc.grad_accum)]
+        return torch.utils.data.DataLoader(_MicroBatches(self.examples, mine, self.collator), batch_size=None,
+                                           num_workers=tc.num_workers, collate_fn=lambda b: b,
+                                           # own generator: iter() must not draw from the global RNG,
+                                           # or a resumed run's dropout masks would drift from the original
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
-            step_examples = int(accelerator.reduce(torch.tensor(sum(len(b["example_ids"]) for b in micro),
-                                                                device=accelerator.device), "sum"))
-            step_tokens = int(accelerator.reduce(sum(b["attention_mask"].sum() for b in micro), "sum"))
-            n_examples += step_examples
-            n_tokens += step_tokens
-            elapsed = time.perf_counter() - t_loop
-            losses.append(step_loss)
-            row = {"type": "train", "step": global_step, "epoch": epoch + (s + 1) / spe, "loss": step_loss,
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "label_tokens": n_total,
-                   "examples_per_s": n_examples / elapsed, "tokens_per_s": n_tokens / elapsed}
-            record(row)
-            accelerator.log({f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s")
-                             if row[k] is not None}, step=global_step)
-            bar.set_postfix(loss=f"{step_loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
-            bar.update(1)
-            if global_step % tc.log_every_steps == 0 or global_step == total_steps:
-                say(f"step {global_step}/{total_steps} epoch {row['epoch']:.2f} loss {step_loss:.4f} "
-                    f"lr {row['lr']:.2e} {row['examples_per_s']:.2f} ex/s {row['tokens_per_s']:.0f} tok/s")
-            if tc.save_every_steps and global_step % tc.save_every_steps == 0:
-                last_ckpt = save_checkpoint(epoch, s + 1)
-                say(f"checkpoint {last_ckpt}")
-            every = cfg.eval.every_steps
-            if (every and global_step % every == 0 and s + 1 < spe and evaluate_fn is not None
-                    and cfg.eval.during_training and distributed.can_evaluate_on_main(accelerator)):
-                run_eval(round(epoch + (s + 1) / spe, 4), f"at step {global_step}", step=global_step)
+    def fit(self) -> None:
+        """The epochs: batch plan, loader, :meth:`train_step` per optimizer step, checkpoints and
+        evaluations as configured; stops after ``total_steps``."""
+        from tqdm.auto import tqdm
 
-        epoch_done = last == spe
-        if epoch_done:
-            if tc.save_every_epoch and not (tc.save_every_steps and global_step % tc.save_every_steps == 0):
-                last_ckpt = save_checkpoint(epoch + 1, 0)
-                say(f"checkpoint {last_ckpt} (end of epoch {epoch + 1})")
-            if evaluate_fn is not None and cfg.eval.during_training and not distributed.can_evaluate_on_main(accelerator):
-                if epoch == epoch0:
-                    say(f"warning: no evaluation during training under {distributed.kind(accelerator)} (the weights "
-                        "are sharded; generating on one process would hang the others); evaluate a checkpoint "
-                        "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
-            elif evaluate_fn is not None and cfg.eval.during_training and last_eval_step != global_step:
-                run_eval(epoch + 1, f"after epoch {epoch + 1}")
-        if global_step >= total_steps:
-            break
-    bar.close()
+        tc, acc = self.tc, self.accelerator
+        self.model.train()
+        self.t_loop = time.perf_counter()
+        self.bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                        disable=not (self.main and self.progress), dynamic_ncols=True)
+        for epoch in range(self.epoch0, self.n_epochs):
+            batches = batch_plan(self.lengths, tc.batch_size, self.cfg.seed, epoch, tc.group_by_length)
+            first = self.step0 if epoch == self.epoch0 else 0
+            last = min(self.spe, first + self.total_steps - self.global_step)
+            it = iter(self.epoch_loader(epoch, batches, first, last))
+            for s in range(first, last):
+                n_micro = len(rank_batches(batches, s, self.world, self.rank, tc.grad_accum))
+                micro = [_to_device(next(it), acc.device) for _ in range(n_micro)]
+                outcome = self.train_step(micro, epoch)
+                self.global_step += 1
+                self._log_step(outcome, epoch, s)
+                if tc.save_every_steps and self.global_step % tc.save_every_steps == 0:
+                    self.last_ckpt = self.save_checkpoint(epoch, s + 1)
+                    self.say(f"checkpoint {self.last_ckpt}")
+                every = self.cfg.eval.every_steps
+                if every and self.global_step % every == 0 and s + 1 < self.spe and self._evaluates_during_training():
+                    self.evaluate(round(epoch + (s + 1) / self.spe, 4), f"at step {self.global_step}", step=self.global_step)
+            if last == self.spe:
+                self._end_epoch(epoch)
+            if self.global_step >= self.total_steps:
+                break
+        self.bar.close()
+
+    def train_step(self, micro: list[dict], epoch: int) -> StepOutcome:
+        """One optimizer step over this process's micro-batches (already on the device).
+
+        The label tokens of all micro-batches of all processes are counted first, so each
+        micro-batch's summed loss divided by that total gives exactly the gradient of one big
+        batch; a non-finite loss raises :class:`TrainingDiverged` before the optimizer moves.
+        """
+        acc, world, tc = self.accelerator, self.world, self.tc
+        n_micro = len(micro)
+        ids = [i for b in micro for i in b["example_ids"]]
+        n_local = sum(loss_mod.count_label_tokens(b["labels"]) for b in micro)
+        n_total = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
+        loss_sum = torch.zeros((), device=acc.device)
+        for j, b in enumerate(micro):
+            sync = nullcontext() if j == n_micro - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                part, _ = loss_mod.answer_loss_sum(self.model, b)
+                # DDP, FSDP and DeepSpeed average gradients over processes; * world undoes that.
+                acc.backward(part / max(n_total, 1) * world)
+            loss_sum += part.detach().float()
+        step_loss = float(acc.reduce(loss_sum, "sum")) / max(n_total, 1)
+        if not math.isfinite(step_loss):
+            where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"loss is {step_loss} at step {self.global_step + 1} (epoch {epoch}); examples in this step: "
+                f"{', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}; {where}. Lower train.lr, "
+                "check these samples, or use another precision")
+        grad_norm = None
+        if tc.max_grad_norm is not None:
+            grad_norm = distributed.grad_norm_value(acc.clip_grad_norm_(
+                distributed.clip_parameters(acc, self.model, self.params), tc.max_grad_norm))
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        examples = int(acc.reduce(torch.tensor(sum(len(b["example_ids"]) for b in micro), device=acc.device), "sum"))
+        tokens = int(acc.reduce(sum(b["attention_mask"].sum() for b in micro), "sum"))
+        return StepOutcome(step_loss, grad_norm, n_total, examples, tokens)
+
+    def _log_step(self, out: StepOutcome, epoch: int, s: int) -> None:
+        """metrics.jsonl, trackers, progress bar and (every ``log_every_steps``) one line."""
+        self.n_examples += out.examples
+        self.n_tokens += out.tokens
+        elapsed = time.perf_counter() - self.t_loop
+        self.losses.append(out.loss)
+        row = {"type": "train", "step": self.global_step, "epoch": epoch + (s + 1) / self.spe, "loss": out.loss,
+               "lr": self.scheduler.get_last_lr()[0], "grad_norm": out.grad_norm, "label_tokens": out.label_tokens,
+               "examples_per_s": self.n_examples / elapsed, "tokens_per_s": self.n_tokens / elapsed}
+        self.record(row)
+        self.accelerator.log({f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "examples_per_s", "tokens_per_s")
+                              if row[k] is not None}, step=self.global_step)
+        self.bar.set_postfix(loss=f"{out.loss:.4f}", ex_s=f"{row['examples_per_s']:.2f}", refresh=False)
+        self.bar.update(1)
+        if self.global_step % self.tc.log_every_steps == 0 or self.global_step == self.total_steps:
+            self.say(f"step {self.global_step}/{self.total_steps} epoch {row['epoch']:.2f} loss {out.loss:.4f} "
+                     f"lr {row['lr']:.2e} {row['examples_per_s']:.2f} ex/s {row['tokens_per_s']:.0f} tok/s")
+
+    def _evaluates_during_training(self) -> bool:
+        return (self.evaluate_fn is not None and self.cfg.eval.during_training
+                and distributed.can_evaluate_on_main(self.accelerator))
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The epoch-end checkpoint and evaluation (each unless the last step already did it)."""
+        tc = self.tc
+        if tc.save_every_epoch and not (tc.save_every_steps and self.global_step % tc.save_every_steps == 0):
+            self.last_ckpt = self.save_checkpoint(epoch + 1, 0)
+            self.say(f"checkpoint {self.last_ckpt} (end of epoch {epoch + 1})")
+        if self.evaluate_fn is None or not self.cfg.eval.during_training:
+            return
+        if not distributed.can_evaluate_on_main(self.accelerator):
+            if epoch == self.epoch0:
+                self.say(f"warning: no evaluation during training under {distributed.kind(self.accelerator)} (the "
+                         "weights are sharded; generating on one process would hang the others); evaluate a checkpoint "
+                         "afterwards: phi4mm-lora evaluate --config CONFIG.yaml --adapter RUN/checkpoints/step-N/adapter")
+        elif self.last_eval_step != self.global_step:
+            self.evaluate(epoch + 1, f"after epoch {epoch + 1}")
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
+        """``checkpoints/step-N`` written atomically (all processes take part); older ones pruned."""
+        final = self.run_dir / "checkpoints" / ckpt.checkpoint_name(self.global_step)
+        tmp = ckpt.temp_dir_for(final)
+        if self.main:
+            ckpt.ensure_space(final, self.last_ckpt, self.n_trainable)
+            ckpt.begin_atomic_dir(final)
+        self.accelerator.wait_for_everyone()
+        with ckpt.disk_full_guard(final, self.last_ckpt, self.n_trainable):
+            self._write_checkpoint(final, tmp, epoch, step_in_epoch)
+        if self.main:
+            ckpt.prune_checkpoints(self.run_dir, self.tc.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def train_state(self, epoch: int, step_in_epoch: int, optimizer_state: dict | None) -> ckpt.TrainState:
+        acc = self.accelerator
+        return ckpt.TrainState(
+            global_step=self.global_step, epoch=epoch, step_in_epoch=step_in_epoch, optimizer=optimizer_state,
+            scheduler=self.scheduler.state_dict(), scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+            world_size=self.world, config=self.cfg.model_dump(mode="json"), total_steps=self.total_steps)
+
+    def _write_checkpoint(self, final: Path, tmp: Path, epoch: int, step_in_epoch: int) -> None:
+        from phi4mm_lora.model.adapters import save_trained
+
+        acc = self.accelerator
+        ckpt.save_rng(tmp, self.rank)
+        # collectives: under FSDP/DeepSpeed every process helps gather the full tensors
+        trained = distributed.gather_trained(acc, self.model, self.peft)
+        optim_state = distributed.optimizer_state(acc, self.model, self.optimizer, tmp)
+        acc.wait_for_everyone()
+        if self.main:
+            save_trained(self.peft, self.adapters, tmp / ckpt.ADAPTER_DIR, trained)
+            self.train_state(epoch, step_in_epoch, optim_state).save(tmp)
+            ckpt.finish_atomic_dir(tmp, final)
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, epoch_value: float, when: str, step: int | None = None) -> None:
+        """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
+        if self.main:
+            self.model.eval()
+            with torch.no_grad():
+                extra = {} if step is None else {"step": step}
+                result = dict(self.evaluate_fn(self.peft, self.processor, epoch_value, **extra))
+            self.model.train()
+            erow = {"type": "eval", "step": self.global_step, "epoch": epoch_value, **result}
+            self.eval_rows.append(erow)
+            self.record(erow)
+            self.accelerator.log({f"eval/{k}": v for k, v in result.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=self.global_step)
+            self.say(f"eval {when}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in result.items()))
+        self.last_eval_step = self.global_step
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ cleanup
-    adapter_dir = run_dir / "adapter"
-    trained = distributed.gather_trained(accelerator, model, peft)  # collective
-    if main:
-        with ckpt.disk_full_guard(adapter_dir, last_ckpt, n_trainable):
-            ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(peft, state, tmp, trained))
-    accelerator.wait_for_everyone()
-    wall = time.perf_counter() - t_start
-    loop_s = time.perf_counter() - t_loop
-    summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "adapter_dir": str(adapter_dir), "steps": global_step, "total_steps": total_steps,
-        "epochs": global_step / spe, "processes": world, "precision": loaded.plan.name,
-        "trainable_params": n_trainable, "train_examples": len(examples),
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "min_loss": min(losses) if losses else None,
-        "examples_per_s": n_examples / loop_s if loop_s > 0 else None,
-        "tokens_per_s": n_tokens / loop_s if loop_s > 0 else None,
-        "wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "resumed_from": str(resume_from) if resume_from else None,
-        "last_checkpoint": str(last_ckpt) if last_ckpt else None, "eval": eval_rows[-1] if eval_rows else None,
-    }
-    if main:
-        summary["loss_curve"] = str(plot_losses(metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}"))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        trackers.log_files(accelerator, [run_dir / "loss_curve.png", run_dir / "summary.json", metrics_file])
-        trackers.finish(accelerator, cfg, summary)  # TensorBoard: the config as hparams with the final numbers
-        say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in summary.items() if k != "eval"))
-    accelerator.end_training()
-    return TrainResult(run_dir, adapter_dir, summary, losses)
+    def cleanup(self) -> TrainResult:
+        """The final adapter, summary.json, the loss curve, trackers closed."""
+        from phi4mm_lora.model.adapters import save_trained
+
+        acc, run_dir, losses = self.accelerator, self.run_dir, self.losses
+        adapter_dir = run_dir / "adapter"
+        trained = distributed.gather_trained(acc, self.model, self.peft)  # collective
+        if self.main:
+            with ckpt.disk_full_guard(adapter_dir, self.last_ckpt, self.n_trainable):
+                ckpt.write_atomic_dir(adapter_dir, lambda tmp: save_trained(self.peft, self.adapters, tmp, trained))
+        acc.wait_for_everyone()
+        wall = time.perf_counter() - self.t_start
+        loop_s = time.perf_counter() - self.t_loop
+        summary: dict[str, Any] = {
+            "run_dir": str(run_dir), "adapter_dir": str(adapter_dir), "steps": self.global_step,
+            "total_steps": self.total_steps, "epochs": self.global_step / self.spe, "processes": self.world,
+            "precision": self.loaded.plan.name, "trainable_params": self.n_trainable, "train_examples": len(self.examples),
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "min_loss": min(losses) if losses else None,
+            "examples_per_s": self.n_examples / loop_s if loop_s > 0 else None,
+            "tokens_per_s": self.n_tokens / loop_s if loop_s > 0 else None,
+            "wall_s": wall, "peak_rss_mb": _peak_rss_mb(),
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "eval": self.eval_rows[-1] if self.eval_rows else None,
+        }
+        if self.main:
+            curve = plot_losses(self.metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}")
+            summary["loss_curve"] = str(curve)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            trackers.log_files(acc, [run_dir / "loss_curve.png", run_dir / "summary.json", self.metrics_file])
+            trackers.finish(acc, self.cfg, summary)  # TensorBoard: the config as hparams with the final numbers
+            self.say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in summary.items() if k != "eval"))
+        acc.end_training()
+        return TrainResult(run_dir, adapter_dir, summary, losses)
 
 
-__all__ = ["EvaluateFn", "enable_activation_checkpointing", "TrainResult", "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]
-
+__all__ = ["EvaluateFn", "FinetuneRecipe", "StepOutcome", "enable_activation_checkpointing", "TrainResult",
+           "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]

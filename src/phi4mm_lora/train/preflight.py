@@ -49,7 +49,7 @@ class Preflight:
 
     run_dir: Path
     resume_from: Path | None = None
-    state: dict[str, Any] | None = None
+    state: ckpt.TrainState | None = None
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     examples: list | None = None
     report: Any = None
@@ -121,7 +121,7 @@ def check_resume(cfg: RunConfig, resume: str | Path | bool, run_dir: Path, with_
         pf.notes.append(f"skipping checkpoint {folder}: {why}")
     target = ckpt.resolve_resume(resume, run_dir)
     state = ckpt.load_training_state(target)
-    saved = state.get("config") or {}
+    saved = state.config or {}
     changes = resume_changes(saved, cfg)
     structure = {k: v for k, v in changes.items() if k.startswith(STRUCTURE)}
     if structure:
@@ -133,7 +133,7 @@ def check_resume(cfg: RunConfig, resume: str | Path | bool, run_dir: Path, with_
             f"resuming {target.name} with changed settings: {_changes_text(changes)}; these change the data "
             "order, the model or the schedule, so the result would match neither run. Resume with the checkpoint's "
             "settings (in its run's config.yaml) or add --resume-with-changes to apply them from here on")
-    total = state.get("total_steps")
+    total = state.total_steps
     if total is None and (run_dir / "summary.json").is_file():  # checkpoints of earlier versions
         try:
             summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -141,8 +141,8 @@ def check_resume(cfg: RunConfig, resume: str | Path | bool, run_dir: Path, with_
                 total = summary.get("total_steps")
         except (ValueError, UnicodeDecodeError, OSError):
             total = None
-    if not changes and total is not None and state["global_step"] >= total:
-        raise NothingToDo(f"run {run_dir} already finished ({state['global_step']} of {total} steps, "
+    if not changes and total is not None and state.global_step >= total:
+        raise NothingToDo(f"run {run_dir} already finished ({state.global_step} of {total} steps, "
                           f"adapter in {run_dir / 'adapter'}); nothing changed. To train further, raise "
                           "train.epochs or train.max_steps and add --resume-with-changes")
     pf.resume_from, pf.state, pf.changed = target, state, changes

@@ -1,0 +1,43 @@
+"""``scripts/bench_train_cpu.py``: its host-sync counter counts what a GPU would wait for.
+
+The counter (a ``TorchDispatchMode``) is what the issue-10 figures of syncs per step rest on;
+here it is checked against operations whose syncing is documented by PyTorch (``.item()``,
+``int()``, ``nonzero``, boolean-mask indexing, ``torch.equal``) and against operations that
+stay on the device (arithmetic, reductions kept as tensors). Cheap: no model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench_train_cpu import SyncCounter  # noqa: E402
+
+
+def host_reads() -> None:
+    t = torch.arange(6.0)
+    int(t.sum())                       # aten._local_scalar_dense
+    float(t.max())                     # again
+    t[t > 2].sum()                     # boolean mask: the output size depends on the values
+    torch.nonzero(t)
+    torch.equal(t, t.clone())
+
+
+def test_counts_each_host_read_once_and_names_the_line():
+    with SyncCounter() as c:
+        host_reads()
+    assert c.counts == {"_local_scalar_dense": 2, "index(bool mask)": 1, "nonzero": 1, "equal": 1}
+    assert all(site.startswith("tests/test_bench_train_cpu.py:") for site in c.sites), c.sites
+
+
+def test_device_side_work_is_not_counted():
+    with SyncCounter() as c:
+        t = torch.randn(4, 4, requires_grad=True)
+        loss = (t @ t).relu().sum() / t.numel()
+        loss.backward()
+        torch.where(t > 0, t, 0).mean()
+    assert sum(c.counts.values()) == 0, c.counts
