@@ -56,14 +56,15 @@ def _median_seconds(argv: list[str], runs: int = 3) -> float:
 
 def test_help_and_validate_start_fast_relative_to_bare_python() -> None:
     """Issue: ``--help`` and ``validate`` under 1.5 s on 2 cores. Measured as a ratio to a bare
-    interpreter in the same run, so a slow or loaded machine slows both alike. Here a bare
-    ``python -c pass`` takes 15-40 ms and these commands 0.25-0.5 s (ratio 10-20); anything that
-    imports torch takes 3 s or more (ratio > 75). A limit of 40 x keeps clear of both: it fails on
-    a torch import at build time, and 40 x 40 ms = 1.6 s is about the issue's budget."""
+    interpreter in the same run, so a slow machine slows both alike. A bare ``python -c pass``
+    takes 9-40 ms here and these commands 0.25-0.5 s; under a load of 9 on the 2 cores a bare
+    start took 9 ms and ``config show train`` 0.37 s (43 x), so a 40 x limit was flaky. The
+    limit is the issue's budget over a typical bare start: 1.5 s / 15 ms = 100 x. A torch import
+    (3 s or more) is caught exactly by the two tests above, not by this timing."""
     base = _median_seconds([sys.executable, "-c", "pass"])
     for argv in (["--help"], ["validate", "configs/demo.yaml"], ["config", "show", "train"]):
         t = _median_seconds([sys.executable, "-m", "phi4mm_lora", *argv])
-        assert t / base < 40, f"phi4mm-lora {' '.join(argv)}: {t:.2f} s = {t / base:.0f} x bare python ({base:.3f} s)"
+        assert t / base < 100, f"phi4mm-lora {' '.join(argv)}: {t:.2f} s = {t / base:.0f} x bare python ({base:.3f} s)"
 
 
 # ------------------------------------------------------------------ config show / schema

@@ -11,7 +11,7 @@ from test_train_common import make_manifest, read_trained, small_overrides
 
 from phi4mm_lora.cli import main
 from phi4mm_lora.config import load_config
-from phi4mm_lora.model.adapters import read_peft_folder
+from phi4mm_lora.model.adapter_io import read_peft_folder
 from phi4mm_lora.model.tiny import ensure_tiny
 from phi4mm_lora.train import loss as loss_mod
 from phi4mm_lora.train.finetune import train

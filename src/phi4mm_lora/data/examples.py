@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -187,6 +187,18 @@ def build_examples(
     report.n_examples = len(examples)
     report.raise_if_strict(data_cfg.strict)
     return examples, report
+
+
+def with_audio_token(examples: list[Example], audio_token: str) -> list[Example]:
+    """The examples with the model's own audio placeholder in their prompts.
+
+    Examples are built before the model loads (the checks before a run need them), with
+    :data:`DEFAULT_AUDIO_TOKEN`; a processor with another placeholder gets the same examples
+    with the token swapped, instead of the data being read a second time.
+    """
+    if audio_token == DEFAULT_AUDIO_TOKEN:
+        return examples
+    return [replace(ex, prompt=ex.prompt.replace(DEFAULT_AUDIO_TOKEN, audio_token)) for ex in examples]
 
 
 def _build_manifest(

@@ -23,12 +23,11 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, Example, build_examples
+from phi4mm_lora.data.examples import Example, build_examples, with_audio_token
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
@@ -165,9 +164,7 @@ def evaluate(
         raise UserError(f"nothing to evaluate: no usable example in split {split!r} of {data_report.source} "
                         f"({data_report.n_problems} skipped{first}); fix the data or pick another split (data.eval_split)")
     loaded = _load(cfg, loaded)
-    if loaded.processor.audio_token != DEFAULT_AUDIO_TOKEN:  # the data was read before the model loaded
-        token = loaded.processor.audio_token
-        examples = [replace(ex, prompt=ex.prompt.replace(DEFAULT_AUDIO_TOKEN, token)) for ex in examples]
+    examples = with_audio_token(examples, loaded.processor.audio_token)  # the data was read before the model loaded
     records, timing = predict(cfg, loaded.model, loaded.processor, examples, progress)
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(records, out / "predictions.jsonl")

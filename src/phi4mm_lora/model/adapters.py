@@ -20,13 +20,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from phi4mm_lora.config import AdapterConfig
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.model import adapter_io
-from phi4mm_lora.model.adapter_io import (  # noqa: F401 - the adapter format's home; re-exported for callers
-    EXTRA_FILE,
-    load_extra_modules,
-    lora_tensor_names,
-    modules_to_save_for,
-    read_peft_folder,
-)
 from phi4mm_lora.model.precision import AUDIO_TOWER, VISION_TOWER
 
 AUDIO_PROJECTOR = ("model.embed_tokens_extend.audio_embed.up_proj_for_speech", "model.embed_tokens_extend.audio_embed.down_proj_for_speech")
@@ -199,8 +192,4 @@ __all__ = [
     "apply_trainable",
     "save_trained",
     "merge_and_save",
-    "read_peft_folder",
-    "lora_tensor_names",
-    "load_extra_modules",
-    "modules_to_save_for",
 ]

@@ -20,7 +20,8 @@ from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import check_weight_files
 from phi4mm_lora.model import convert
-from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters, read_peft_folder
+from phi4mm_lora.model.adapter_io import read_peft_folder
+from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters
 from phi4mm_lora.model.precision import (
     PrecisionPlan,
     check_plan,

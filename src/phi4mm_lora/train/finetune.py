@@ -362,11 +362,11 @@ class FinetuneRecipe:
         self.model.config.use_cache = False
 
     def _setup_data(self) -> None:
-        from phi4mm_lora.data.examples import DEFAULT_AUDIO_TOKEN, build_examples
+        from phi4mm_lora.data.examples import build_examples, with_audio_token
 
         cfg, tc, pf = self.cfg, self.tc, self.pf
-        if pf.examples is not None and self.processor.audio_token == DEFAULT_AUDIO_TOKEN:
-            self.examples, self.report = pf.examples, pf.report  # built by the pre-flight checks
+        if pf.examples is not None:  # built by the pre-flight checks
+            self.examples, self.report = with_audio_token(pf.examples, self.processor.audio_token), pf.report
         else:
             self.examples, self.report = build_examples(cfg.data, cfg.prompts, cfg.data.train_split,
                                                         audio_token=self.processor.audio_token, seed=cfg.seed)
@@ -409,19 +409,14 @@ class FinetuneRecipe:
 
     def _resume(self) -> None:
         """Adapters, optimizer, scheduler, loss scaler, RNG and position from ``resume_from``."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from phi4mm_lora.model.adapters import load_extra_modules
+        from phi4mm_lora.model.adapter_io import load_adapter
 
         acc, folder, trainable = self.accelerator, self.resume_from, self.adapters.trainable_adapter
         st = self.pf.state if self.pf.state is not None else ckpt.load_training_state(folder)
         adapter = folder / ckpt.ADAPTER_DIR
         try:
             if not distributed.load_trained(acc, self.model, self.peft, trainable, adapter):
-                set_peft_model_state_dict(self.peft, load_file(str(adapter / "adapter_model.safetensors")),
-                                          adapter_name=trainable)
-                load_extra_modules(self.peft, adapter)
+                load_adapter(self.peft, trainable, adapter)
             distributed.load_optimizer_state(acc, self.model, self.optimizer, st.optimizer, folder)
         except (RuntimeError, ValueError, KeyError) as exc:  # shapes or parameter groups differ
             raise UserError(f"checkpoint {folder} does not fit this model/adapter ({str(exc).splitlines()[0][:160]}); "
