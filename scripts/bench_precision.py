@@ -5,7 +5,7 @@ Three parts:
 1. (always, any machine, seconds) The full-size 5.6B architecture built on the meta device for
    each of the six plans, for two adapter settings (the pretrained speech adapter r=320 trains;
    a fresh r=64 adapter trains): bytes of weights, gradients and AdamW state, and trainable
-   parameters. Exact figures, no weights involved (``phi4mm_lora.model.report``).
+   parameters. Exact figures, no weights involved (``phi4mm_lora.model.inventory``).
 2. ``--load-rss`` (CPU, a minute or two): writes a mid-size random-weight native checkpoint
    (the real architecture with a wider/deeper decoder, about 1.2 GB in bf16) and measures, in
    a fresh subprocess per plan, the peak RSS of ``load_model`` above the RSS after imports,
@@ -78,7 +78,7 @@ def machine() -> str:
 
 def architecture_tables() -> tuple[str, dict]:
     from phi4mm_lora.config import AdapterConfig
-    from phi4mm_lora.model.report import INT8_FORMULA, NF4_FORMULA, OPTIMIZER_FORMULA, architecture_report
+    from phi4mm_lora.model.inventory import INT8_FORMULA, NF4_FORMULA, OPTIMIZER_FORMULA, architecture_report
 
     settings = {
         "pretrained speech adapter trains (r=320; vision adapter not loaded)": AdapterConfig(),
@@ -162,7 +162,7 @@ warnings.filterwarnings("ignore")
 import torch, transformers, peft, bitsandbytes  # imports are not the loader's memory
 from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.model.load import load_model
-from phi4mm_lora.model.report import stored_bytes
+from phi4mm_lora.model.inventory import stored_bytes
 
 def status(key):  # kB -> bytes; VmHWM is this process's own peak (ru_maxrss is inherited over exec)
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
@@ -239,7 +239,7 @@ def findings(arch: dict, rss: dict | None) -> str:
     bf16 = pre["bf16"]["weight_bytes"]
     sel = pre["selective"]["weight_bytes"]
     from phi4mm_lora.config import AdapterConfig
-    from phi4mm_lora.model.report import architecture_report
+    from phi4mm_lora.model.inventory import architecture_report
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -295,7 +295,7 @@ def write_full_size(out: Path) -> None:
 
     from phi4mm_lora.config import DECODER_LORA_REGEX
     from phi4mm_lora.model.convert import write_peft_adapter
-    from phi4mm_lora.model.report import FULL_SIZE_ADAPTERS, full_size_config
+    from phi4mm_lora.model.inventory import FULL_SIZE_ADAPTERS, full_size_config
     from phi4mm_lora.model.tiny import tiny_processor
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from bench_gpu import decoder_flops_per_token, steady_state  # noqa: E402
 
 
 def test_flops_per_token_matches_the_published_accounting():
-    from phi4mm_lora.model.report import full_size_config
+    from phi4mm_lora.model.inventory import full_size_config
 
     cfg = full_size_config().to_dict()
     frozen_only = decoder_flops_per_token(cfg, 0, 0, 0) / 4

@@ -1,7 +1,7 @@
 """``phi4mm-lora inspect``: what is loaded, what trains, what is quantised, and what it costs.
 
 Without ``--architecture-only`` the model is loaded exactly as training would load it
-(``load_model``) and described by :func:`phi4mm_lora.model.report.model_report`. With it, no
+(``load_model``) and described by :func:`phi4mm_lora.model.inventory.model_report`. With it, no
 weights are read: the full-size 5.6B architecture is built on the meta device and the bytes
 of weights, gradients and optimizer state are computed for the chosen plan, with a one-line
 comparison of all six plans when no ``--precision`` is given.
@@ -55,7 +55,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print_architecture(report)
     else:
         from phi4mm_lora.model.load import load_model
-        from phi4mm_lora.model.report import model_report
+        from phi4mm_lora.model.inventory import model_report
 
         with warnings.catch_warnings():  # the report repeats them (adapter notes, plan fallback)
             warnings.simplefilter("ignore")
@@ -72,7 +72,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def architecture_with_plans(precision: str, adapter_cfg) -> dict[str, Any]:
     """The chosen plan's full report; with ``auto`` (no --precision) also a summary of all six
     plans (bf16 details, as auto picks bf16 on a bf16 GPU)."""
-    from phi4mm_lora.model.report import architecture_report
+    from phi4mm_lora.model.inventory import architecture_report
 
     chosen = "bf16" if precision == "auto" else precision
     report = architecture_report(chosen, adapter_cfg)

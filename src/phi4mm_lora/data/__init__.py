@@ -9,7 +9,7 @@ from phi4mm_lora.data.audio import AudioError, load_audio, probe_audio
 from phi4mm_lora.data.cache import CachedAudio, FeatureCache
 from phi4mm_lora.data.corpus import make_corpus
 from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
-from phi4mm_lora.data.report import DataReport, Problem
+from phi4mm_lora.data.problems import DataReport, Problem
 
 __all__ = [
     "AudioError",

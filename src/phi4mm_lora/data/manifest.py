@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi4mm_lora.data.report import Problem
+from phi4mm_lora.data.problems import Problem
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import read_text
 

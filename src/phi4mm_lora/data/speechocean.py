@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from phi4mm_lora.data.audio import load_audio, resolve_audio_path
-from phi4mm_lora.data.report import Problem
+from phi4mm_lora.data.problems import Problem
 from phi4mm_lora.data.targets import RecordError, Word, _num, parse_word
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import read_text

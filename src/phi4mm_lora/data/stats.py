@@ -15,7 +15,7 @@ from pathlib import Path
 from phi4mm_lora.config import DataConfig, PromptConfig
 from phi4mm_lora.data.examples import Example, build_examples, bundled_corpus_path
 from phi4mm_lora.data.manifest import read_manifest
-from phi4mm_lora.data.report import DataReport
+from phi4mm_lora.data.problems import DataReport
 from phi4mm_lora.data.speechocean import read_speechocean
 
 ASPECTS = ("accuracy", "fluency", "prosodic", "total")
