@@ -15,8 +15,8 @@ import torch
 from transformers import Phi4MultimodalForCausalLM
 
 from phi4mm_lora.config import AdapterConfig, ModelConfig
-from phi4mm_lora.model.load import load_model
 from phi4mm_lora.model.inventory import architecture_report, int8_bytes, model_report, nf4_bytes, stored_bytes
+from phi4mm_lora.model.load import load_model
 from phi4mm_lora.model.tiny import tiny_config
 
 # Domain facts (docs/domain.md section 1).

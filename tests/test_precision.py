@@ -19,8 +19,8 @@ from transformers import Phi4MultimodalForCausalLM
 from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.model import precision as P
-from phi4mm_lora.model.load import load_model
 from phi4mm_lora.model.inventory import model_report
+from phi4mm_lora.model.load import load_model
 from phi4mm_lora.model.tiny import tiny_config
 
 CPU_PLANS = ("fp32", "bf16", "int8", "nf4", "selective")

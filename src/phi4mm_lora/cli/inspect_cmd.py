@@ -54,8 +54,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = architecture_with_plans(cfg.precision, cfg.adapter)
         print_architecture(report)
     else:
-        from phi4mm_lora.model.load import load_model
         from phi4mm_lora.model.inventory import model_report
+        from phi4mm_lora.model.load import load_model
 
         with warnings.catch_warnings():  # the report repeats them (adapter notes, plan fallback)
             warnings.simplefilter("ignore")

@@ -26,8 +26,8 @@ from pathlib import Path
 from phi4mm_lora.config import DataConfig, PromptConfig
 from phi4mm_lora.data.audio import AudioError, probe_audio
 from phi4mm_lora.data.manifest import insert_media_tokens, read_manifest
-from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.data.problems import DataReport, Problem
+from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.data.speechocean import (
     Utterance,
     assign_validation,
