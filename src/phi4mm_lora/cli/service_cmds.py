@@ -85,7 +85,7 @@ def _example_sentences(limit: int = 40) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from phi4mm_lora.model.load import load_model
+    from phi4mm_lora.model.inference import load_for_inference
     from phi4mm_lora.serve.app import Limits, create_app, response_provenance
     from phi4mm_lora.serve.worker import ScoringWorker
 
@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _configured(args)
     _check_port(args.host, args.port)
     console.print("loading the model ...")
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    loaded = load_for_inference(cfg)
     prov = response_provenance(cfg, loaded)
     worker = ScoringWorker(cfg, loaded, max_batch=args.max_batch, max_queue=args.max_queue).start()
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_seconds=args.max_seconds)
@@ -121,7 +121,7 @@ def add_batch_args(s: argparse.ArgumentParser) -> None:
 def cmd_score_batch(args: argparse.Namespace) -> int:
     """``score --batch``: every row scored, failures reported, nothing stops the run."""
     from phi4mm_lora.evaluate.batch import check_output, read_rows, score_rows
-    from phi4mm_lora.model.load import load_model
+    from phi4mm_lora.model.inference import load_for_inference
     from phi4mm_lora.serve.app import response_provenance
 
     if args.audio:
@@ -130,7 +130,7 @@ def cmd_score_batch(args: argparse.Namespace) -> int:
     src = Path(args.batch)
     output = check_output(Path(args.output) if args.output else Path(f"{src.stem if src.is_file() else src.name}-scores.jsonl"))
     cfg = _configured(args)
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    loaded = load_for_inference(cfg)
     prov: dict[str, Any] = {"provenance": response_provenance(cfg, loaded)}
     summary = score_rows(cfg, loaded, rows, output, progress=not args.no_progress, extra=prov)
     if args.json:

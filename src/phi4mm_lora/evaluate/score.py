@@ -147,9 +147,9 @@ def score(cfg: RunConfig, audio_paths: list[str | Path], text: str | None, loade
     if run is not None:
         cfg = Run.open(run).configure(cfg)
     if loaded is None:
-        from phi4mm_lora.model.load import load_model
+        from phi4mm_lora.model.inference import load_for_inference
 
-        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+        loaded = load_for_inference(cfg)
     examples = score_examples(cfg, paths, text.strip(), loaded.processor.audio_token)
     rubric = load_instruction("apa", cfg.prompts)
     gens: dict[str, Generation] = {

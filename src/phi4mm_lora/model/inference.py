@@ -1,0 +1,121 @@
+"""Load a model for inference: the LoRA adapter merged into the weights where that is exact.
+
+Why merge: an unmerged LoRA runs two extra small products (``x @ A``, then ``@ B``) beside every
+adapted linear, for every generated token; the published speech adapter (r=320 on the four
+decoder linears of 32 layers) adds 128 of them per token, plus PEFT's Python dispatch around
+each. Merged (``W + scale * B @ A``, done once by PEFT's ``merge_and_unload``), the adapter costs
+nothing at inference and the model is a plain ``Phi4MultimodalForCausalLM``.
+
+``eval.merge_adapter`` (on by default) merges for the commands that only run inference
+(evaluate, score, score --batch, serve) when the precision plan allows it:
+
+========== ====== =========================================================================
+plan       merged why
+========== ====== =========================================================================
+fp32       yes    the same numbers up to float32 rounding (tiny model: logits within 1e-4,
+                  identical greedy text; tests/test_inference_merge.py)
+bf16, fp16 yes    ``W + scale * B @ A`` is rounded once to the storage dtype: an error of the
+                  size of that dtype's rounding, which the unmerged bf16/fp16 product already
+                  has (docs/benchmarks.md has the tiny model's measured difference)
+int8       no     the base weights are LLM.int8: merging de-quantises, adds, re-quantises, so
+                  every adapted weight moves by up to a quantisation step
+nf4,       no     4-bit base weights: the same, with 16 levels per block
+selective
+========== ====== =========================================================================
+
+A LoRA on a weight that another module shares (Phi-4 ties ``lm_head`` to the input embeddings)
+is never merged either: the merge would change the embeddings too. Whether and why not is in
+:attr:`Loaded.merge <phi4mm_lora.model.load.Loaded>` and in every output's provenance.
+
+Evaluation during training never merges: it gets the training model, and a merge there would
+change the weights the optimiser updates (unmerging gives them back only up to rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from phi4mm_lora.model.load import Loaded, load_model
+
+#: Plans whose base weights are quantised: merging would re-quantise them (see the table above).
+NO_MERGE_PLANS: dict[str, str] = {
+    "int8": "int8 base weights would be re-quantised after the merge",
+    "nf4": "4-bit (nf4) base weights would be re-quantised after the merge",
+    "selective": "4-bit (nf4) base weights would be re-quantised after the merge",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeState:
+    """Whether the adapter was merged for inference, and if not, why (one line)."""
+
+    merged: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_merged": self.merged, "merge_note": self.reason}
+
+
+def _shared_lora_weights(model: torch.nn.Module) -> list[str]:
+    """Names of LoRA-adapted modules whose base weight another module uses too (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    shared = []
+    for name, m in model.named_modules():
+        base = getattr(m, "base_layer", None)
+        w = getattr(base, "weight", None)
+        if hasattr(m, "lora_A") and w is not None and seen.get(id(w), 0) > 1:
+            shared.append(name)
+    return shared
+
+
+def merge_refusal(loaded: Loaded) -> str | None:
+    """Why the adapter of ``loaded`` must stay unmerged for inference, or None when merging is exact."""
+    plan = loaded.plan.name
+    if plan in NO_MERGE_PLANS:
+        return f"precision {plan}: {NO_MERGE_PLANS[plan]}"
+    if loaded.plan.quantised:  # a plan added later: quantised means no
+        return f"precision {plan}: quantised base weights would be re-quantised after the merge"
+    if not hasattr(loaded.model, "merge_and_unload"):
+        return "the model carries no PEFT adapter"
+    shared = _shared_lora_weights(loaded.model)
+    if shared:
+        return f"the adapter targets {shared[0]}, whose weight is shared (tied) with another module"
+    return None
+
+
+def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
+    """``loaded`` with its active adapter(s) merged into the weights (PEFT ``merge_and_unload``).
+
+    Merges in place (the returned :class:`Loaded` holds the plain transformers model; the old
+    PEFT wrapper must not be used afterwards). Only for models loaded for inference: never for the
+    training model. When the plan does not allow it, ``loaded`` comes back unmerged, with the
+    reason in ``.merge`` and a warning.
+    """
+    if not enabled:
+        return dataclasses.replace(loaded, merge=MergeState(False, "eval.merge_adapter is off"))
+    why = merge_refusal(loaded)
+    if why is not None:
+        warnings.warn(f"adapter not merged for inference ({why}); generation runs the LoRA unmerged", stacklevel=2)
+        return dataclasses.replace(loaded, merge=MergeState(False, why))
+    active = list(loaded.adapters.active)
+    merged = loaded.model.merge_and_unload(adapter_names=active)
+    merged.eval()
+    return dataclasses.replace(loaded, model=merged,
+                               merge=MergeState(True, f"merged {'+'.join(active)} into the weights"))
+
+
+def load_for_inference(cfg: Any) -> Loaded:
+    """The model, processor and adapter of ``cfg`` ready for generation: :func:`load_model`, then
+    :func:`merge_for_inference` as ``cfg.eval.merge_adapter`` says. The one loading path of
+    evaluate, score, score --batch and serve."""
+    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    return merge_for_inference(loaded, cfg.eval.merge_adapter)
+
+
+__all__ = ["MergeState", "NO_MERGE_PLANS", "load_for_inference", "merge_for_inference", "merge_refusal"]
