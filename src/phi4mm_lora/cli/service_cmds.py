@@ -101,7 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(worker, prov, limits, _example_sentences())
     shown = f"[{args.host}]" if ":" in args.host else args.host
     console.print(f"serving http://{shown}:{args.port}/  (model {prov.get('model')}; adapter "
-                  f"{prov.get('adapter') or 'none'}; precision {prov.get('precision')}); Ctrl+C stops")
+                  f"{prov.get('adapter') or 'none'}{' (merged)' if prov.get('adapter_merged') else ''}; "
+                  f"precision {prov.get('precision')}); Ctrl+C stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -23,8 +23,10 @@ nf4,       no     4-bit base weights: the same, with 16 levels per block
 selective
 ========== ====== =========================================================================
 
-A LoRA on a weight that another module shares (Phi-4 ties ``lm_head`` to the input embeddings)
-is never merged either: the merge would change the embeddings too. Whether and why not is in
+A LoRA on a weight that another module shares (Phi-4 ties ``lm_head`` to the input embeddings;
+the demo config adapts ``lm_head``) is left unmerged: the merge would change the embeddings
+too. Every other adapted layer is still merged (PEFT's per-layer ``merge``), so such a model
+keeps only the tied layer's two small products per token. What was merged, and why not, is in
 :attr:`Loaded.merge <phi4mm_lora.model.load.Loaded>` and in every output's provenance.
 
 Evaluation during training never merges: it gets the training model, and a merge there would
@@ -83,17 +85,20 @@ def merge_refusal(loaded: Loaded) -> str | None:
         return f"precision {plan}: quantised base weights would be re-quantised after the merge"
     if not hasattr(loaded.model, "merge_and_unload"):
         return "the model carries no PEFT adapter"
-    shared = _shared_lora_weights(loaded.model)
-    if shared:
-        return f"the adapter targets {shared[0]}, whose weight is shared (tied) with another module"
     return None
 
 
-def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
-    """``loaded`` with its active adapter(s) merged into the weights (PEFT ``merge_and_unload``).
+def _short(name: str) -> str:
+    return name.removeprefix("base_model.model.")
 
-    Merges in place (the returned :class:`Loaded` holds the plain transformers model; the old
-    PEFT wrapper must not be used afterwards). Only for models loaded for inference: never for the
+
+def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
+    """``loaded`` with its active adapter(s) merged into the weights by PEFT.
+
+    Nothing shared: ``merge_and_unload`` (the returned :class:`Loaded` holds the plain
+    transformers model and the LoRA tensors are freed). A tied adapted weight (``lm_head``):
+    PEFT's per-layer ``merge`` on every other adapted layer, the tied one keeps its LoRA.
+    Merges in place: the old :class:`Loaded` must not be used afterwards, and never pass the
     training model. When the plan does not allow it, ``loaded`` comes back unmerged, with the
     reason in ``.merge`` and a warning.
     """
@@ -104,10 +109,21 @@ def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
         warnings.warn(f"adapter not merged for inference ({why}); generation runs the LoRA unmerged", stacklevel=2)
         return dataclasses.replace(loaded, merge=MergeState(False, why))
     active = list(loaded.adapters.active)
-    merged = loaded.model.merge_and_unload(adapter_names=active)
-    merged.eval()
-    return dataclasses.replace(loaded, model=merged,
-                               merge=MergeState(True, f"merged {'+'.join(active)} into the weights"))
+    shared = _shared_lora_weights(loaded.model)
+    if not shared:
+        model = loaded.model.merge_and_unload(adapter_names=active)
+        note = f"merged {'+'.join(active)} into the weights"
+    else:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = loaded.model
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and name not in shared:
+                module.merge(adapter_names=active)
+        note = (f"merged {'+'.join(active)} into the weights except {', '.join(_short(n) for n in shared)} "
+                "(weight tied to another module, e.g. the input embeddings; its LoRA runs unmerged)")
+    model.eval()
+    return dataclasses.replace(loaded, model=model, merge=MergeState(True, note))
 
 
 def load_for_inference(cfg: Any) -> Loaded:
