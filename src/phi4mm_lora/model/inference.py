@@ -2,8 +2,9 @@
 
 Why merge: an unmerged LoRA runs two extra small products (``x @ A``, then ``@ B``) beside every
 adapted linear, for every generated token; the published speech adapter (r=320 on the four
-decoder linears of 32 layers) adds 128 of them per token, plus PEFT's Python dispatch around
-each. Merged (``W + scale * B @ A``, done once by PEFT's ``merge_and_unload``), the adapter costs
+decoder linears of 32 layers, 128 linears) adds 256 of them per token, plus PEFT's dispatch
+around each (30-41 extra torch operator calls per adapted linear and step, measured by
+``scripts/bench_eval.py --compare``). Merged (``W + scale * B @ A``, done once by PEFT's ``merge_and_unload``), the adapter costs
 nothing at inference and the model is a plain ``Phi4MultimodalForCausalLM``.
 
 ``eval.merge_adapter`` (on by default) merges for the commands that only run inference
@@ -16,7 +17,7 @@ fp32       yes    the same numbers up to float32 rounding (tiny model: logits wi
                   identical greedy text; tests/test_inference_merge.py)
 bf16, fp16 yes    ``W + scale * B @ A`` is rounded once to the storage dtype: an error of the
                   size of that dtype's rounding, which the unmerged bf16/fp16 product already
-                  has (docs/benchmarks.md has the tiny model's measured difference)
+                  has (tiny model: logits differ by one bf16 step, 0.0078; docs/benchmarks.md)
 int8       no     the base weights are LLM.int8: merging de-quantises, adds, re-quantises, so
                   every adapted weight moves by up to a quantisation step
 nf4,       no     4-bit base weights: the same, with 16 levels per block
