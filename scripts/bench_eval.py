@@ -5,8 +5,19 @@ both tasks, with the evaluate command's per-task token budgets (APA 40, MDD 120)
 model never emits <|end|>, so every answer runs to its budget: the figure is a worst case
 for those budgets. Model load time is reported separately from generation time.
 
+Every run also splits the wall time (forward hooks on the causal LM, synchronised on CUDA):
+model work per decoding step (the decoder forward), everything else per step (generate's
+host work between two forwards: float32 logits copy, argmax, stopping criteria, cache and
+input bookkeeping), and per batch the prefill forward and the preparation outside generate
+(processor, audio encoder run clip by clip, decoding the answers).
+
+``--compare`` runs, on the same examples and the same loaded model, the baseline (LoRA
+unmerged, ``--batch-size``) and alongside it: unmerged at batch 1, then the adapter merged
+(eval.merge_adapter, in place) at ``--batch-size`` and at batch 1, and prints every figure
+as a ratio to the baseline.
+
     .venv/bin/python scripts/bench_eval.py [--model DIR] [--splits train test] [--batch-size 16]
-        [--threads N] [--limit N] [--max-new-tokens 128]
+        [--threads N] [--limit N] [--max-new-tokens 128] [--precision P] [--compare] [--profile]
 """
 
 from __future__ import annotations
@@ -25,11 +36,14 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", default=["train", "test"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap on the per-task budgets")
+    ap.add_argument("--precision", default="auto", help="precision plan (default auto: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, default=None, help="utterances per split")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--full-examples", type=int, default=5000,
                     help="examples to extrapolate to (default: Speechocean762 test, 2,500 utterances x 2 tasks)")
+    ap.add_argument("--compare", action="store_true",
+                    help="baseline (unmerged, --batch-size) against batch 1 and the merged adapter, as ratios")
     ap.add_argument("--profile", action="store_true",
                     help="also run the first batch under torch.profiler and print its top operators")
     args = ap.parse_args()
@@ -41,10 +55,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from phi4mm_lora.config import load_config
     from phi4mm_lora.data.examples import build_examples
-    from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, plan_batches
+    from phi4mm_lora.evaluate.generate import generate_all
+    from phi4mm_lora.model.inference import merge_for_inference
     from phi4mm_lora.model.load import load_model
 
-    over = [f"eval.batch_size={args.batch_size}", f"eval.max_new_tokens={args.max_new_tokens}"]
+    over = [f"eval.batch_size={args.batch_size}", f"eval.max_new_tokens={args.max_new_tokens}",
+            f"precision={args.precision}"]
     if args.model:
         over.append(f"model.path={args.model}")
     if args.data:
@@ -54,21 +70,38 @@ def main() -> None:
     cfg = load_config(None, over)
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    if not args.compare:  # what evaluate runs: merged where the plan allows
+        loaded = merge_for_inference(loaded, cfg.eval.merge_adapter)
     load_s = time.perf_counter() - t0
     examples = []
     for split in args.splits:
         exs, _ = build_examples(cfg.data, cfg.prompts, split, audio_token=loaded.processor.audio_token, seed=cfg.seed)
         examples += exs
     utts = len({(e.split, e.utt_id) for e in examples})
-    t1 = time.perf_counter()
-    gens = generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens, progress=False)
-    gen_s = time.perf_counter() - t1
-    tokens = sum(g.n_tokens for g in gens)
-    # A batch decodes until its longest answer stops: that many forward passes of the decoder.
-    n_tok = {g.id: g.n_tokens for g in gens}
-    batches = plan_batches(examples, cfg.eval.batch_size)
-    decode_steps = sum(max(n_tok[e.id] for e in b) for b in batches)
+    # warm-up (first-call allocations, lazy imports), not timed
+    generate_all(loaded.model, loaded.processor, examples[:2], batch_size=2, max_new_tokens=2, progress=False)
+
+    def measure(label: str, batch_size: int) -> dict:
+        fig = run(loaded, examples, batch_size, cfg.eval.max_new_tokens, args.full_examples)
+        merged = loaded.merge is not None and loaded.merge.merged
+        ops = ops_per_step(loaded, examples[0]) if args.compare else {}
+        return {"run": label, "adapter_merged": merged, **fig, **ops}
+
+    runs = [measure("baseline" if args.compare else "run", args.batch_size)]
+    if args.compare:
+        runs.append(measure("batch 1", 1))
+        before, base = last_logits(loaded, examples[:4]), last_logits(loaded, examples[:4], adapter=False)
+        loaded = merge_for_inference(loaded, True)
+        if loaded.merge.merged:
+            runs.append(measure("merged", args.batch_size))
+            runs.append(measure("merged, batch 1", 1))
+            diff = (last_logits(loaded, examples[:4]) - before).abs().max().item()
+            effect = (before - base).abs().max().item()
+            print(f"merged vs unmerged, last-position logits of 4 prompts ({loaded.plan.name}): max |diff| {diff:.3g}; "
+                  f"the adapter itself moves them by up to {effect:.3g}; |logits| up to {before.abs().max().item():.3g}")
+            runs[-1]["merge_logits_max_abs_diff"] = diff
+        else:
+            print(f"merged runs skipped: {loaded.merge.reason}")
     figures = {
         "device": str(loaded.plan.device),
         "precision": loaded.plan.name,
@@ -79,34 +112,180 @@ def main() -> None:
         "splits": args.splits,
         "utterances": utts,
         "examples": len(examples),
-        "batch_size": cfg.eval.batch_size,
-        "max_new_tokens": {t: max_tokens_for(t, cfg.eval.max_new_tokens) for t in sorted({e.task for e in examples})},
+        "model_load_s": round(load_s, 2),
+        "merge_note": loaded.merge.reason if loaded.merge is not None else None,
+        "runs": runs,
+    }
+    for r in runs:
+        print(f"[{r['run']}] {r['examples']} examples ({utts} utterances x tasks), batch {r['batch_size']}: "
+              f"{r['generation_wall_s']} s generation wall time, {r['examples_per_s']} examples/s, "
+              f"{r['tokens_per_s']} tokens/s; {r['decode_steps']} decoding steps in {r['batches']} batches: "
+              f"{r['ms_per_decode_step']} ms/step (model {r['model_ms_per_step']} + other {r['other_ms_per_step']}); "
+              f"{args.full_examples} examples would take {r['extrapolated_full_s'] / 60:.1f} min")
+    print(f"model load {load_s:.1f} s")
+    if args.compare:
+        print(ratio_table(runs))
+    print(json.dumps(figures, indent=2))
+    if args.profile:
+        from phi4mm_lora.evaluate.generate import plan_batches
+
+        profile_batch(loaded, plan_batches(examples, args.batch_size)[0], cfg.eval.max_new_tokens)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
+
+
+def last_logits(loaded, examples, adapter: bool = True):
+    """float32 logits at the last prompt position, rows embedded as generate does (adapter off: the base)."""
+    import contextlib
+
+    import torch
+
+    from phi4mm_lora.data.audio import load_audio
+    from phi4mm_lora.evaluate.generate import _device_of, _row_embeds
+
+    audio = {e.id: load_audio(e.audio_path) for e in examples if e.audio_path}
+    off = loaded.model.disable_adapter() if not adapter else contextlib.nullcontext()
+    with torch.no_grad(), off:
+        _, emb, mask = _row_embeds(loaded.model, loaded.processor, examples, audio, _device_of(loaded.model))
+        return loaded.model(inputs_embeds=emb, attention_mask=mask, logits_to_keep=1).logits[:, -1].float().cpu()
+
+
+def ops_per_step(loaded, example) -> dict:
+    """torch operators (each one kernel launch on a GPU) and matrix products per decoding step.
+
+    Counted with torch.profiler as the difference between generating 6 and 2 tokens for one
+    example, divided by 4: exact and independent of the machine's load, unlike the timings.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi4mm_lora.evaluate.generate import generate_all
+
+    def counts(n: int) -> tuple[int, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate_all(loaded.model, loaded.processor, [example], batch_size=1, max_new_tokens=n, progress=False)
+        ev = prof.key_averages()
+        total = sum(e.count for e in ev if e.key.startswith("aten::"))
+        mm = sum(e.count for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        return total, mm
+
+    (t2, m2), (t6, m6) = counts(2), counts(6)
+    return {"aten_ops_per_step": (t6 - t2) / 4, "matmuls_per_step": (m6 - m2) / 4}
+
+
+class StepTimer:
+    """Wall time of every forward of the causal LM, and of the host work between two forwards.
+
+    A forward whose input is longer than one token (or given as embeddings) is a prefill: it
+    starts a new ``generate`` call. The gap between a forward's end and the next decode
+    forward's start is that step's host work inside ``generate``.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.handles = [base.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        base.register_forward_hook(self._post)]
+        self.prefill_s = self.decode_s = self.gap_s = 0.0
+        self.prefills = self.decodes = 0
+        self._start = self._end = None
+        self._is_prefill = False
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _pre(self, module, args, kwargs):
+        now = self._now()
+        ids, emb = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        self._is_prefill = emb is not None or (ids is not None and ids.shape[1] > 1)
+        if not self._is_prefill and self._end is not None:
+            self.gap_s += now - self._end
+        self._start = now
+
+    def _post(self, module, args, output):
+        now = self._now()
+        if self._is_prefill:
+            self.prefill_s += now - self._start
+            self.prefills += 1
+        else:
+            self.decode_s += now - self._start
+            self.decodes += 1
+        self._end = now
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int) -> dict:
+    """Generate for ``examples`` as evaluate does; wall time, throughput and its split."""
+    from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, plan_batches
+
+    timer = StepTimer(loaded.model)
+    t1 = time.perf_counter()
+    try:
+        gens = generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, progress=False)
+    finally:
+        timer.remove()
+    gen_s = time.perf_counter() - t1
+    tokens = sum(g.n_tokens for g in gens)
+    # A batch decodes until its longest answer stops: that many forward passes of the decoder.
+    n_tok = {g.id: g.n_tokens for g in gens}
+    batches = plan_batches(examples, batch_size)
+    decode_steps = sum(max(n_tok[e.id] for e in b) for b in batches)
+    steps = max(timer.decodes, 1)
+    outside = gen_s - timer.prefill_s - timer.decode_s - timer.gap_s
+    return {
+        "batch_size": batch_size,
+        "examples": len(examples),
+        "max_new_tokens": {t: max_tokens_for(t, max_new_tokens) for t in sorted({e.task for e in examples})},
         "generated_tokens": tokens,
         "stopped_at_end": sum(g.finished for g in gens),
         "failures": sum(g.error is not None for g in gens),
-        "model_load_s": round(load_s, 2),
         "generation_wall_s": round(gen_s, 2),
         "examples_per_s": round(len(examples) / gen_s, 2),
         "tokens_per_s": round(tokens / gen_s, 1),
-        "total_wall_s": round(time.perf_counter() - t0, 2),
         "batches": len(batches),
         "decode_steps": decode_steps,
         # prefill (audio encoder + prompt) is included: this is wall time per decoder step
         "ms_per_decode_step": round(1000 * gen_s / max(decode_steps, 1), 2),
-        "full_examples": args.full_examples,
-        "extrapolated_full_s": round(args.full_examples / (len(examples) / gen_s), 1),
+        # the split: decoder forward per step / generate's host work per step / per batch outside the loop
+        "model_ms_per_step": round(1000 * timer.decode_s / steps, 3),
+        "other_ms_per_step": round(1000 * timer.gap_s / steps, 3),
+        "prefill_ms_per_batch": round(1000 * timer.prefill_s / max(timer.prefills, 1), 2),
+        "prep_ms_per_example": round(1000 * outside / max(len(examples), 1), 2),
+        "share_model": round(timer.decode_s / gen_s, 3),
+        "share_other_per_step": round(timer.gap_s / gen_s, 3),
+        "share_prefill": round(timer.prefill_s / gen_s, 3),
+        "share_prep": round(outside / gen_s, 3),
+        "full_examples": full_examples,
+        "extrapolated_full_s": round(full_examples / (len(examples) / gen_s), 1),
     }
-    print(f"{len(examples)} examples ({utts} utterances x tasks) in {gen_s:.1f} s generation wall time: "
-          f"{figures['examples_per_s']} examples/s, {figures['tokens_per_s']} tokens/s "
-          f"(+{load_s:.1f} s model load; total {figures['total_wall_s']} s)")
-    print(f"{decode_steps} decoding steps in {len(batches)} batches: {figures['ms_per_decode_step']} ms/step; "
-          f"{args.full_examples} examples would take {figures['extrapolated_full_s'] / 60:.1f} min")
-    print(json.dumps(figures, indent=2))
-    if args.profile:
-        profile_batch(loaded, batches[0], cfg.eval.max_new_tokens)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=2)
+
+
+RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",
+              "prep_ms_per_example", "examples_per_s", "aten_ops_per_step", "matmuls_per_step")
+
+
+def ratio_table(runs: list[dict]) -> str:
+    """One line per run: each figure and its ratio to the first run (the baseline)."""
+    base = runs[0]
+    head = f"{'run':<18}" + "".join(f"{k:>24}" for k in RATIO_KEYS)
+    lines = [head]
+    for r in runs:
+        cells = []
+        for k in RATIO_KEYS:
+            ratio = r[k] / base[k] if base[k] else float("nan")
+            cells.append(f"{r[k]:>12} ({ratio:5.2f}x)")
+        lines.append(f"{r['run']:<18}" + "".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
 
 
 def profile_batch(loaded, batch, max_new_tokens: int) -> None:

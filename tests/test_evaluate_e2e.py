@@ -114,6 +114,32 @@ def test_left_padded_batch_equals_one_at_a_time(loaded) -> None:
         torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=1e-4)
 
 
+def test_generate_all_batched_equals_one_at_a_time(tiny_native: Path, trained_adapter: Path) -> None:
+    """The answers evaluate records (text, token count, stopped or not) do not depend on the batch
+    size: recordings of different lengths, both tasks, batch 8 against batch 1, on the model as
+    evaluate loads it (a trained adapter, merged), whose answers differ between recordings."""
+    from phi4mm_lora.model.inference import load_for_inference
+    from phi4mm_lora.model.run_folder import Run
+
+    cfg = Run.open(trained_adapter).configure(load_config(None, [f"model.path={tiny_native}", "data.task=both"]))
+    loaded = load_for_inference(cfg)
+    assert loaded.merge.merged
+    examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
+    utts = sorted({(e.duration, e.utt_id) for e in examples})
+    chosen = {u for _, u in utts[:: max(1, len(utts) // 3)][:3]}  # shortest, middle, longest-ish
+    picked = [e for e in examples if e.utt_id in chosen]
+    assert len({e.task for e in picked}) == 2 and len({e.duration for e in picked}) == 3
+
+    def answers(batch_size: int) -> list[tuple[str, int, bool]]:
+        gens = generate_all(loaded.model, loaded.processor, picked, batch_size=batch_size, max_new_tokens=8,
+                            progress=False)
+        return [(g.text, g.n_tokens, g.finished) for g in gens]
+
+    together = answers(8)
+    assert len(set(together)) >= 3, "answers must differ for the comparison to mean anything"
+    assert together == answers(1)
+
+
 def test_bad_audio_is_a_recorded_failure(loaded, tmp_path: Path) -> None:
     cfg = load_config(None, ["data.task=both"])
     examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)

@@ -58,6 +58,7 @@ def test_score_json_wav_and_flac(tiny_native: Path, stereo_wav: Path, corpus_fla
         assert r["oov"] == ["zorblax"]
         assert [e["word"] for e in r["expected"]] == ["we", "call", "it", "zorblax"]
         assert r["apa_raw"] and r["mdd_raw"]
+        assert r["provenance"]["adapter_merged"] is True  # eval.merge_adapter's default on fp32
 
 
 def test_each_recording_is_decoded_once(tiny_native: Path, stereo_wav: Path, corpus_flac: Path, monkeypatch,
@@ -86,6 +87,7 @@ def test_score_table_output(tiny_native: Path, corpus_flac: Path, capsys) -> Non
                  "eval.max_new_tokens=4"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "zorblax" in out and "not parsed" in out
+    assert "(merged)" in out  # the provenance line says the adapter was merged for inference
 
 
 def test_feedback_formats_a_real_answer() -> None:

@@ -53,6 +53,7 @@ def test_csv_batch_scores_good_rows_and_reports_bad_ones(tiny_native: Path, spee
     for r in good:
         assert set(r["scores"]) == set(SCORE_KEYS) and r["apa_raw"] and r["expected"]
         assert r["provenance"]["model"].startswith(str(tiny_native)) and r["provenance"]["precision"]
+        assert r["provenance"]["adapter_merged"] is True
     assert good[1]["oov"] == ["zorblax"]
     errors = {r["row"]: r["error"] for r in rows if r["error"]}
     assert "not found" in errors[3] and errors[5] == "empty sentence" and "unreadable" in errors[6]

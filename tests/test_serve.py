@@ -128,6 +128,7 @@ def test_health_page_and_sentences(server) -> None:
     prov = h["provenance"]
     assert prov["adapter"] == str(server.run / "adapter") and prov["adapter_mode"] == "fresh"
     assert prov["precision"] == "fp32" and prov["phi4mm_lora_version"] and "tiny random test model" in prov["model"]
+    assert prov["adapter_merged"] is True  # eval.merge_adapter: serve loads through the inference path
     assert h["accepted_formats"] == ["WAV", "FLAC", "MP3", "OGG/Opus", "WebM/Opus", "M4A"]
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -311,6 +311,12 @@ class EvalConfig(_Section):
         None,
         description="Also evaluate every N optimizer steps, mid-epoch; null: only after each epoch.",
     )
+    merge_adapter: bool = Field(
+        True,
+        description="evaluate/score/serve: merge the LoRA into the weights once at load (faster "
+        "generation, same answers) where the precision allows it: fp32, bf16, fp16; int8/nf4/selective "
+        "stay unmerged (merging would re-quantise the base weights). Evaluation during training never merges.",
+    )
 
     @field_validator("every_steps")
     @classmethod

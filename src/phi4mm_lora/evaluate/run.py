@@ -86,9 +86,9 @@ def build_record(ex: Example, gen: Generation, info: dict[str, Any] | None = Non
 def _load(cfg: RunConfig, loaded: Any | None) -> Any:
     if loaded is not None:
         return loaded
-    from phi4mm_lora.model.load import load_model
+    from phi4mm_lora.model.inference import load_for_inference
 
-    return load_model(cfg.model, cfg.precision, cfg.adapter)
+    return load_for_inference(cfg)  # adapter merged where eval.merge_adapter and the plan allow
 
 
 def configure_and_load(cfg: RunConfig, run: Run | str | Path | None = None,

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
@@ -30,6 +31,9 @@ from phi4mm_lora.model.precision import (
     resolve_plan,
 )
 
+if TYPE_CHECKING:
+    from phi4mm_lora.model.inference import MergeState
+
 #: The hub revision that holds the converted native layout (speech-lora/, vision-lora/).
 NATIVE_REVISION = "refs/pr/70"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -46,6 +50,8 @@ class Loaded:
     plan: PrecisionPlan
     adapters: AdapterState
     planned_quantised: list[str]
+    #: set by :func:`phi4mm_lora.model.inference.merge_for_inference`; None: not loaded for inference
+    merge: MergeState | None = None
 
 
 def resolve_path(model_cfg: ModelConfig) -> Path:

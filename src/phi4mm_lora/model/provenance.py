@@ -26,7 +26,7 @@ def project_version() -> str:
 
 def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
     """``{"model", "model_id", "model_revision", "layout", "adapter", "adapter_mode", "precision", "device",
-    "phi4mm_lora_version"}`` for a :class:`~phi4mm_lora.model.load.Loaded` model.
+    "phi4mm_lora_version", "adapter_merged", "merge_note"}`` for a :class:`~phi4mm_lora.model.load.Loaded` model.
 
     ``cfg`` (the :class:`~phi4mm_lora.config.RunConfig` it was loaded with) adds the hub
     revision and the adapter folder; without it the adapter is taken from the loaded state.
@@ -36,6 +36,7 @@ def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
     tiny = folder is not None and (Path(folder) / "phi4mm_lora_tiny.json").is_file()
     adapters = getattr(loaded, "adapters", None)
     plan = getattr(loaded, "plan", None)
+    merge = getattr(loaded, "merge", None)
     return {
         "model": path + (" (tiny random test model)" if tiny else ""),
         "model_id": getattr(getattr(cfg, "model", None), "path", None),  # as given: a hub id, a folder, None = tiny
@@ -47,6 +48,9 @@ def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
         "precision": getattr(plan, "name", None),
         "device": str(getattr(plan, "device", "")) or None,
         "phi4mm_lora_version": project_version(),
+        # merged into the weights for inference (model.inference); None: not loaded for inference
+        "adapter_merged": merge.merged if merge is not None else None,
+        "merge_note": merge.reason if merge is not None else None,
     }
 
 
@@ -55,7 +59,8 @@ def provenance_line(prov: dict[str, Any]) -> str:
     adapter = prov.get("adapter") or "none (the checkpoint's own adapters: " + ", ".join(prov.get("active_adapters") or []) + ")"
     mode = f" ({prov['adapter_mode']} mode)" if prov.get("adapter") and prov.get("adapter_mode") else ""
     rev = f"@{prov['model_revision']}" if prov.get("model_revision") else ""
-    return (f"model {prov.get('model')}{rev}; adapter {adapter}{mode}; precision {prov.get('precision')} "
+    merged = {True: " (merged)", False: f" (unmerged: {prov.get('merge_note')})"}.get(prov.get("adapter_merged"), "")
+    return (f"model {prov.get('model')}{rev}; adapter {adapter}{mode}{merged}; precision {prov.get('precision')} "
             f"on {prov.get('device')}; phi4mm-lora {prov.get('phi4mm_lora_version')}")
 
 

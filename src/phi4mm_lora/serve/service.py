@@ -96,7 +96,8 @@ def serve(cfg: RunConfig, run: Run | str | Path | None = None, *, host: str = "1
     service = create_service(cfg, limits=limits, max_batch=max_batch, max_queue=max_queue)
     prov = service.provenance
     shown = f"[{host}]" if ":" in host else host
-    say(f"serving http://{shown}:{port}/  (model {prov.get('model')}; adapter {prov.get('adapter') or 'none'}; "
+    merged = " (merged)" if prov.get("adapter_merged") else ""
+    say(f"serving http://{shown}:{port}/  (model {prov.get('model')}; adapter {prov.get('adapter') or 'none'}{merged}; "
         f"precision {prov.get('precision')}); Ctrl+C stops")
     uvicorn.run(service.app, host=host, port=port, log_level="warning", access_log=False)
 

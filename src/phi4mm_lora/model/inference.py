@@ -1,0 +1,138 @@
+"""Load a model for inference: the LoRA adapter merged into the weights where that is exact.
+
+Why merge: an unmerged LoRA runs two extra small products (``x @ A``, then ``@ B``) beside every
+adapted linear, for every generated token; the published speech adapter (r=320 on the four
+decoder linears of 32 layers, 128 linears) adds 256 of them per token, plus PEFT's dispatch
+around each (30-41 extra torch operator calls per adapted linear and step, measured by
+``scripts/bench_eval.py --compare``). Merged (``W + scale * B @ A``, done once by PEFT's ``merge_and_unload``), the adapter costs
+nothing at inference and the model is a plain ``Phi4MultimodalForCausalLM``.
+
+``eval.merge_adapter`` (on by default) merges for the commands that only run inference
+(evaluate, score, score --batch, serve) when the precision plan allows it:
+
+========== ====== =========================================================================
+plan       merged why
+========== ====== =========================================================================
+fp32       yes    the same numbers up to float32 rounding (tiny model: logits within 1e-4,
+                  identical greedy text; tests/test_inference_merge.py)
+bf16, fp16 yes    ``W + scale * B @ A`` is rounded once to the storage dtype: an error of the
+                  size of that dtype's rounding, which the unmerged bf16/fp16 product already
+                  has (tiny model: logits differ by one bf16 step, 0.0078; docs/benchmarks.md)
+int8       no     the base weights are LLM.int8: merging de-quantises, adds, re-quantises, so
+                  every adapted weight moves by up to a quantisation step
+nf4,       no     4-bit base weights: the same, with 16 levels per block
+selective
+========== ====== =========================================================================
+
+A LoRA on a weight that another module shares (Phi-4 ties ``lm_head`` to the input embeddings;
+the demo config adapts ``lm_head``) is left unmerged: the merge would change the embeddings
+too. Every other adapted layer is still merged (PEFT's per-layer ``merge``), so such a model
+keeps only the tied layer's two small products per token. What was merged, and why not, is in
+:attr:`Loaded.merge <phi4mm_lora.model.load.Loaded>` and in every output's provenance.
+
+Evaluation during training never merges: it gets the training model, and a merge there would
+change the weights the optimiser updates (unmerging gives them back only up to rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from phi4mm_lora.model.load import Loaded, load_model
+
+#: Plans whose base weights are quantised: merging would re-quantise them (see the table above).
+NO_MERGE_PLANS: dict[str, str] = {
+    "int8": "int8 base weights would be re-quantised after the merge",
+    "nf4": "4-bit (nf4) base weights would be re-quantised after the merge",
+    "selective": "4-bit (nf4) base weights would be re-quantised after the merge",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeState:
+    """Whether the adapter was merged for inference, and if not, why (one line)."""
+
+    merged: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_merged": self.merged, "merge_note": self.reason}
+
+
+def _shared_lora_weights(model: torch.nn.Module) -> list[str]:
+    """Names of LoRA-adapted modules whose base weight another module uses too (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    shared = []
+    for name, m in model.named_modules():
+        base = getattr(m, "base_layer", None)
+        w = getattr(base, "weight", None)
+        if hasattr(m, "lora_A") and w is not None and seen.get(id(w), 0) > 1:
+            shared.append(name)
+    return shared
+
+
+def merge_refusal(loaded: Loaded) -> str | None:
+    """Why the adapter of ``loaded`` must stay unmerged for inference, or None when merging is exact."""
+    plan = loaded.plan.name
+    if plan in NO_MERGE_PLANS:
+        return f"precision {plan}: {NO_MERGE_PLANS[plan]}"
+    if loaded.plan.quantised:  # a plan added later: quantised means no
+        return f"precision {plan}: quantised base weights would be re-quantised after the merge"
+    if not hasattr(loaded.model, "merge_and_unload"):
+        return "the model carries no PEFT adapter"
+    return None
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
+    """``loaded`` with its active adapter(s) merged into the weights by PEFT.
+
+    Nothing shared: ``merge_and_unload`` (the returned :class:`Loaded` holds the plain
+    transformers model and the LoRA tensors are freed). A tied adapted weight (``lm_head``):
+    PEFT's per-layer ``merge`` on every other adapted layer, the tied one keeps its LoRA.
+    Merges in place: the old :class:`Loaded` must not be used afterwards, and never pass the
+    training model. When the plan does not allow it, ``loaded`` comes back unmerged, with the
+    reason in ``.merge`` and a warning.
+    """
+    if not enabled:
+        return dataclasses.replace(loaded, merge=MergeState(False, "eval.merge_adapter is off"))
+    why = merge_refusal(loaded)
+    if why is not None:
+        warnings.warn(f"adapter not merged for inference ({why}); generation runs the LoRA unmerged", stacklevel=2)
+        return dataclasses.replace(loaded, merge=MergeState(False, why))
+    active = list(loaded.adapters.active)
+    shared = _shared_lora_weights(loaded.model)
+    if not shared:
+        model = loaded.model.merge_and_unload(adapter_names=active)
+        note = f"merged {'+'.join(active)} into the weights"
+    else:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = loaded.model
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and name not in shared:
+                module.merge(adapter_names=active)
+        note = (f"merged {'+'.join(active)} into the weights except {', '.join(_short(n) for n in shared)} "
+                "(weight tied to another module, e.g. the input embeddings; its LoRA runs unmerged)")
+    model.eval()
+    return dataclasses.replace(loaded, model=model, merge=MergeState(True, note))
+
+
+def load_for_inference(cfg: Any) -> Loaded:
+    """The model, processor and adapter of ``cfg`` ready for generation: :func:`load_model`, then
+    :func:`merge_for_inference` as ``cfg.eval.merge_adapter`` says. The one loading path of
+    evaluate, score, score --batch and serve."""
+    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    return merge_for_inference(loaded, cfg.eval.merge_adapter)
+
+
+__all__ = ["MergeState", "NO_MERGE_PLANS", "load_for_inference", "merge_for_inference", "merge_refusal"]
