@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from phi4mm_lora.model.adapter_io import strip_prefix
 from phi4mm_lora.model.load import Loaded, load_model
 
 #: Plans whose base weights are quantised: merging would re-quantise them (see the table above).
@@ -89,10 +90,6 @@ def merge_refusal(loaded: Loaded) -> str | None:
     return None
 
 
-def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
 def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
     """``loaded`` with its active adapter(s) merged into the weights by PEFT.
 
@@ -121,7 +118,7 @@ def merge_for_inference(loaded: Loaded, enabled: bool = True) -> Loaded:
         for name, module in model.named_modules():
             if isinstance(module, BaseTunerLayer) and name not in shared:
                 module.merge(adapter_names=active)
-        note = (f"merged {'+'.join(active)} into the weights except {', '.join(_short(n) for n in shared)} "
+        note = (f"merged {'+'.join(active)} into the weights except {', '.join(strip_prefix(n) for n in shared)} "
                 "(weight tied to another module, e.g. the input embeddings; its LoRA runs unmerged)")
     model.eval()
     return dataclasses.replace(loaded, model=model, merge=MergeState(True, note))
