@@ -3,8 +3,10 @@
 Runs :func:`phi4mm_lora.demo.run_demo` - the code behind ``phi4mm-lora demo`` - with the demo
 config's own training schedule (4 utterances, 320 steps; a shorter one - 2 utterances, 100
 steps - did not get there) and 2 held-out utterances, and checks the jump in parse rate on the
-trained-on utterances (0 -> all, both tasks), and that both groups are reported before and
-after; see docs/benchmarks.md. Several minutes on 2 CPU cores.
+trained-on utterances (0 -> all, both tasks), that the trained run is evaluated through its
+run folder (its own adapter), and that both groups are reported before and after. Held-out
+parse rates are not asserted: no 4-minute schedule measured gets them to 90% (docs/benchmarks.md,
+"Demo, held-out parse rate"). Several minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def test_demo_parse_rate_jumps(tmp_path):
     for task in ("apa", "mdd"):
         assert rows[f"parse:{task}"]["trained"]["after"] >= 0.9, rows[f"parse:{task}"]
     assert rows["per"]["trained"]["after"] < rows["per"]["trained"]["before"]  # learnt, not only formatted
+    # the trained run is evaluated as a run folder (Run.open(...).configure), i.e. its own adapter
+    for group in ("trained", "held_out"):
+        assert res.after[group]["meta"]["adapter"] == str(res.adapter_dir), res.after[group]["meta"]
+        assert res.before[group]["meta"]["adapter"] is None  # before: the untrained model, no adapter
     # both groups, before and after, each a full evaluation folder; the summary names them
     for folder in ("eval-train-before", "eval-train-after", "eval-before", "eval-after"):
         assert (out / folder / "results.json").is_file()

@@ -29,6 +29,7 @@ from phi4mm_lora.config import RunConfig
 from phi4mm_lora.evaluate.metrics import COLUMN_NAMES, SUMMARY_KEYS, json_safe
 from phi4mm_lora.evaluate.report import LOWER_IS_BETTER, _fmt
 from phi4mm_lora.evaluate.run import evaluate
+from phi4mm_lora.model.run_folder import Run
 
 #: (group key, data split, label, evaluation folder suffix)
 GROUPS: tuple[tuple[str, str, str, str], ...] = (
@@ -107,10 +108,12 @@ def render_learning_table(rows: list[dict[str, Any]]) -> Any:
 
 def evaluate_groups(cfg: RunConfig, out: Path, stage: str, limits: dict[str, int],
                     compare: dict[str, dict] | None = None, progress: bool = True,
-                    run: Path | None = None) -> dict[str, dict]:
+                    run: Run | None = None) -> dict[str, dict]:
     """Evaluate both groups; folders ``<suffix>-<stage>`` (e.g. eval-train-before, eval-after).
 
-    ``run``: the training run folder whose adapter is evaluated (None: the untrained model).
+    ``run``: the opened training run whose adapter is evaluated (None: the untrained model);
+    :func:`evaluate` sets it up with :meth:`Run.configure` (adapter structure, base model and
+    prompts from the run's own config.yaml), as ``phi4mm-lora evaluate --adapter RUN`` does.
     """
     results = {}
     for group, split, label, suffix in GROUPS:
@@ -133,7 +136,8 @@ def run_demo(cfg: RunConfig, out: Path, n_held_out: int, progress: bool = True,
         "held-out utterances")
     before = evaluate_groups(cfg, out, "before", limits, progress=progress)
     result = train(cfg, evaluate_fn=None, progress=progress)
-    after = evaluate_groups(cfg, out, "after", limits, compare=before, progress=progress, run=result.run_dir)
+    trained = Run.open(result.run_dir)  # the library's view of the run folder, as the CLI's
+    after = evaluate_groups(cfg, out, "after", limits, compare=before, progress=progress, run=trained)
     seconds = time.perf_counter() - t0
     rows = learning_rows(before, after)
     (out / "demo.json").write_text(json.dumps(json_safe({
