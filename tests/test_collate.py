@@ -132,14 +132,55 @@ def test_estimate_length_close_to_real(processor, mixed):
     assert abs(est - real) <= 0.05 * real
 
 
-def test_feature_cache_gives_same_batch(processor, mixed, tmp_path):
+def _processor_batch(processor, examples: list[Example], side: str) -> dict:
+    """The same batch made the way transformers' processor makes it (all clips at once)."""
+    from phi4mm_lora.data.audio import load_audio
+
+    texts = [training_text(ex.prompt, ex.answer, processor.tokenizer) for ex in examples]
+    return dict(processor(text=texts, audio=[load_audio(ex.audio_path) for ex in examples], return_tensors="pt",
+                          padding=True, padding_side=side))
+
+
+def test_audio_batch_equals_the_processors_and_the_feature_cache_changes_nothing(processor, mixed, tmp_path):
     from phi4mm_lora.data.cache import FeatureCache
 
+    reference = _processor_batch(processor, mixed[:3], "left")
     plain = Collator(processor, padding_side="left")(mixed[:3])
     cached = Collator(processor, padding_side="left", feature_cache=FeatureCache(tmp_path))(mixed[:3])
-    for k in ("input_ids", "attention_mask", "labels", "position_ids", "audio_embed_sizes"):
+    for batch in (plain, cached):
+        for k in ("input_ids", "attention_mask", "audio_embed_sizes", "audio_attention_mask"):
+            assert torch.equal(reference[k], batch[k]), k
+        torch.testing.assert_close(reference["audio_input_features"], batch["audio_input_features"],
+                                   rtol=1e-5, atol=1e-4)
+    for k in ("labels", "position_ids"):
         assert torch.equal(plain[k], cached[k]), k
-    torch.testing.assert_close(plain["audio_input_features"], cached["audio_input_features"], rtol=1e-5, atol=1e-5)
+
+
+def test_clips_a_few_samples_apart_collate(processor, tmp_path):
+    """transformers 5.24's batched feature extractor raises "The size of tensor a (87) must match
+    the size of tensor b (88)" for clips of 38,295 and 38,306 samples (shorter than the longest
+    by less than win_length - hop_length); length grouping makes such batches. The collator
+    extracts clip by clip, so each row equals that clip collated alone."""
+    import numpy as np
+    import soundfile as sf
+
+    lines = []
+    for n, samples in enumerate((38306, 38295, 24320)):
+        t = np.arange(samples) / 16000
+        path = tmp_path / f"c{n}.wav"
+        sf.write(path, (0.1 * np.sin(2 * np.pi * (200 + 50 * n) * t)).astype(np.float32), 16000)
+        lines.append({"audio": str(path), "prompt": "<|audio|>Transcribe.", "answer": f"clip {n}", "id": f"c{n}"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    exs, _ = build_examples(DataConfig(source="manifest", path=str(tmp_path / "m.jsonl")), PromptConfig(), "train",
+                            audio_token=processor.audio_token)
+    batch = Collator(processor)(exs)
+    assert batch["audio_input_features"].shape[0] == 3
+    for i, ex in enumerate(exs):
+        alone = Collator(processor)([ex])
+        n = alone["audio_input_features"].shape[1]
+        assert torch.equal(batch["audio_input_features"][i, :n], alone["audio_input_features"][0])
+        assert not batch["audio_input_features"][i, n:].any() and int(batch["audio_attention_mask"][i].sum()) == n
+        assert int(batch["audio_embed_sizes"][i]) == int(alone["audio_embed_sizes"][0])
 
 
 def test_padding_side_checked(processor):

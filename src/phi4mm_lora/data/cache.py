@@ -11,7 +11,7 @@ its mel filter bank), so editing a file or changing the extractor never serves s
 features. Writes go to a temporary file first and are renamed, so two workers (or a crash)
 never leave a half-written entry behind.
 
-How a collator uses it (instead of running the processor's feature extractor):
+How the collator uses it (it builds every audio batch from per-clip features, cached or not):
 
 1. ``entry = cache.get(ex.audio_path)`` for each example in the batch;
 2. pad ``entry.features`` with zeros to the longest in the batch -> ``audio_input_features``

@@ -4,7 +4,13 @@ Supervision is the whole point of this module, so it is computed in one place an
 
 * the text of an example is :func:`~phi4mm_lora.data.prompts.training_text`: the generation
   prompt evaluation uses (the tokenizer's chat template), then the answer and ``<|end|>``;
-* the processor expands the single audio placeholder into one token per 80 ms and pads;
+* audio features are extracted clip by clip and zero-padded (:meth:`Collator._encode_clips`),
+  and the single audio placeholder is expanded into one token per 80 ms, as the processor
+  does: transformers' batched ``Phi4MultimodalFeatureExtractor`` (5.24) raises a tensor-size
+  RuntimeError when a clip is shorter than the longest by less than about 15 ms (its mask for
+  the shorter clip's last frames runs past the longest clip's frames). Equal-length batches
+  are what length grouping makes, so the real recipe met it at any batch size above 1. One
+  clip at a time is the reference the batched code reproduces (tests/test_data_cache.py);
 * labels are ``-100`` everywhere except the answer tokens and the final ``<|end|>``, found as
   the last ``len(tokenize(answer + "<|end|>"))`` real tokens of each row and *verified* to be
   exactly those ids (a tokenizer that merged across the ``<|assistant|>`` boundary would make
@@ -64,7 +70,7 @@ class Collator:
     ``padding_side`` is ``"left"`` or ``"right"``; both give identical losses because
     ``position_ids`` follow the attention mask. ``feature_cache`` (a
     :class:`~phi4mm_lora.data.cache.FeatureCache`) skips decoding + feature extraction for
-    audio-only batches; image batches always go through the processor.
+    audio-only batches; batches with images always go through the processor.
     """
 
     processor: Any
@@ -96,8 +102,8 @@ class Collator:
         texts = [training_text(ex.prompt, ex.answer, self.tokenizer) for ex in examples]
         with_audio = [ex for ex in examples if ex.audio_path]
         with_image = [ex for ex in examples if ex.image_path]
-        if self.feature_cache is not None and with_audio and not with_image:
-            return self._encode_cached(examples, texts)
+        if with_audio and not with_image:
+            return self._encode_clips(examples, texts)
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
                                   "padding_side": self.padding_side}
         if with_audio:
@@ -106,17 +112,25 @@ class Collator:
             kwargs["images"] = [_load_image(ex) for ex in with_image]
         return dict(self.processor(**kwargs))
 
-    def _encode_cached(self, examples: Sequence[Example], texts: list[str]) -> dict[str, torch.Tensor]:
-        """The processor's output rebuilt from cached features (contract in data/cache.py)."""
+    def _clip(self, ex: Example) -> Any:
+        """Features of one recording: from the feature cache when there is one, else extracted now."""
+        if self.feature_cache is None:
+            from phi4mm_lora.data.cache import extract_features
+
+            return extract_features(self._audio(ex), self.processor.audio_processor)
+        try:
+            return self.feature_cache.get(ex.audio_path)
+        except AudioError as exc:
+            raise BadSampleError(f"example {ex.id}: {exc}") from None
+
+    def _encode_clips(self, examples: Sequence[Example], texts: list[str]) -> dict[str, torch.Tensor]:
+        """The processor's output built from per-clip features (contract in data/cache.py)."""
         audio_token = self.processor.audio_token
         entries = []
         for i, ex in enumerate(examples):
             if not ex.audio_path:
                 continue
-            try:
-                entry = self.feature_cache.get(ex.audio_path)
-            except AudioError as exc:
-                raise BadSampleError(f"example {ex.id}: {exc}") from None
+            entry = self._clip(ex)
             entries.append(entry)
             texts[i] = texts[i].replace(audio_token, audio_token * entry.audio_embed_size, 1)
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=self.padding_side,
