@@ -129,7 +129,7 @@ def test_lora_names_match_what_peft_itself_names(trained):
     for n, (part, adapter) in expected.items():
         module, p, a = io.lora_parts(n)
         assert (p, a) == (part, adapter) and module.endswith(("_proj", "lm_head")), n
-    assert io.lora_tensor_names(peft).keys() == {"speech", "vision"}
+    assert io.lora_weights_by_adapter(peft).keys() == {"speech", "vision"}
     # PEFT's saved keys: prefixed, without the adapter name; with_adapter gives the live name back
     for adapter in ("speech", "vision"):
         saved = get_peft_model_state_dict(peft, adapter_name=adapter)

@@ -127,16 +127,6 @@ def add_prefix(name: str) -> str:
     return PEFT_PREFIX + name
 
 
-def lora_tensor_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """LoRA parameter names grouped by adapter name."""
-    out: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        adapter = lora_adapter(name)
-        if adapter:
-            out.setdefault(adapter, []).append(name)
-    return out
-
-
 def lora_weights_by_adapter(model: torch.nn.Module) -> dict[str, LoraWeights]:
     """``{adapter: {module: {"A", "B"}}}`` of every attached adapter (CPU copies, modules unprefixed)."""
     out: dict[str, LoraWeights] = {}
@@ -433,7 +423,6 @@ __all__ = [
     "lora_adapter",
     "lora_key",
     "lora_parts",
-    "lora_tensor_names",
     "lora_weights_by_adapter",
     "model_state",
     "modules_to_save_for",

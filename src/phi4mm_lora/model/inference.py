@@ -45,13 +45,6 @@ import torch
 from phi4mm_lora.model.adapter_io import strip_prefix
 from phi4mm_lora.model.load import Loaded, load_model
 
-#: Plans whose base weights are quantised: merging would re-quantise them (see the table above).
-NO_MERGE_PLANS: dict[str, str] = {
-    "int8": "int8 base weights would be re-quantised after the merge",
-    "nf4": "4-bit (nf4) base weights would be re-quantised after the merge",
-    "selective": "4-bit (nf4) base weights would be re-quantised after the merge",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class MergeState:
@@ -80,11 +73,10 @@ def _shared_lora_weights(model: torch.nn.Module) -> list[str]:
 
 def merge_refusal(loaded: Loaded) -> str | None:
     """Why the adapter of ``loaded`` must stay unmerged for inference, or None when merging is exact."""
-    plan = loaded.plan.name
-    if plan in NO_MERGE_PLANS:
-        return f"precision {plan}: {NO_MERGE_PLANS[plan]}"
-    if loaded.plan.quantised:  # a plan added later: quantised means no
-        return f"precision {plan}: quantised base weights would be re-quantised after the merge"
+    plan = loaded.plan
+    if plan.quantised:  # int8, nf4, selective: the plan's own record, so a new quantised plan is covered
+        kind = {"nf4": "4-bit (nf4)"}.get(plan.quant, plan.quant)
+        return f"precision {plan.name}: {kind} base weights would be re-quantised after the merge"
     if not hasattr(loaded.model, "merge_and_unload"):
         return "the model carries no PEFT adapter"
     return None
@@ -132,4 +124,4 @@ def load_for_inference(cfg: Any) -> Loaded:
     return merge_for_inference(loaded, cfg.eval.merge_adapter)
 
 
-__all__ = ["MergeState", "NO_MERGE_PLANS", "load_for_inference", "merge_for_inference", "merge_refusal"]
+__all__ = ["MergeState", "load_for_inference", "merge_for_inference", "merge_refusal"]
