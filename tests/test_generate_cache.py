@@ -5,13 +5,15 @@ transformers' ``StaticCache`` is allocated at its full length up front and atten
 token. Both must give the same answers on the production path (audio embedded row by row,
 the decoder on left-padded embeddings), batched and one example at a time. The adapter here
 is a fresh one with random non-zero weights, merged as evaluate merges it, so that answers
-differ between recordings and the comparison means something. ``eval.compile`` is measured
-(and its answers compared) by ``scripts/bench_eval.py --cache-variants``, not here: inductor
-needs a C++ compiler and ~20 s on one CPU core.
+differ between recordings and the comparison means something. ``eval.compile`` (transformers'
+compile path on the static cache) is checked once, at batch 2 for a few tokens: inductor needs
+a C++ compiler and 15-20 s on one CPU core; ``scripts/bench_eval.py --cache-variants`` measures
+it and compares its answers on a whole split.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,18 @@ def test_cache_options_and_config() -> None:
     assert (load_config(None, []).eval.cache, load_config(None, []).eval.compile) == ("dynamic", False)
     with pytest.raises(UserError, match=r"eval\.compile: needs eval\.cache=static"):
         load_config(None, ["eval.compile=true"])
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")
+def test_compiled_static_cache_gives_the_same_answers(setup) -> None:
+    """eval.compile=true: the decoding step really goes through torch.compile, same answers."""
+    loaded, picked = setup
+    exs = [e for e in picked if e.task == "apa"][:2]
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["frames"]["ok"]
+    kw = {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    compiled = generate_all(loaded.model, loaded.processor, exs, cache="static", compile=True, **kw)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > before, "nothing was compiled"
+    dynamic = generate_all(loaded.model, loaded.processor, exs, **kw)
+    assert all(g.error is None for g in compiled)
+    assert [(g.text, g.n_tokens) for g in compiled] == [(g.text, g.n_tokens) for g in dynamic]
