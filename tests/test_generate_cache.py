@@ -98,7 +98,7 @@ def test_generate_all_static_equals_dynamic(setup) -> None:
     assert answers(1, "static") == dynamic
 
 
-def test_cache_options_and_config() -> None:
+def test_cache_options_and_config(monkeypatch, tmp_path: Path) -> None:
     assert cache_options() == {}
     static = cache_options("static", False, 300)
     # a static cache alone must not let transformers compile by itself on a GPU
@@ -114,6 +114,10 @@ def test_cache_options_and_config() -> None:
     assert (load_config(None, []).eval.cache, load_config(None, []).eval.compile) == ("dynamic", False)
     with pytest.raises(UserError, match=r"eval\.compile: needs eval\.cache=static"):
         load_config(None, ["eval.compile=true"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without a C++ compiler: one clear line up front
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match=r"eval\.compile=true needs a C\+\+ compiler"):
+        cache_options("static", True)
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")

@@ -26,6 +26,8 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ import torch
 from phi4mm_lora.data.audio import TARGET_SR, AudioError, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import generation_prompt
+from phi4mm_lora.errors import UserError
 
 END_TOKEN = "<|end|>"
 #: Fallback ids when the tokenizer does not know the names (Phi-4's values).
@@ -103,6 +106,9 @@ def cache_options(cache: str = "dynamic", compile: bool = False, length: int | N
     if length is not None and hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5
         opts["max_cache_len"] = -(-length // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
     if compile:
+        if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
+            raise UserError("eval.compile=true needs a C++ compiler for torch.compile (inductor), and none is on "
+                            "PATH; install one (e.g. apt-get install g++) or set eval.compile=false")
         cc = CompileConfig()
         cc._compile_all_devices = True  # transformers' own switch for compiling off-GPU (the CPU tests, the bench)
         opts["compile_config"] = cc
