@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also run the first batch under torch.profiler and print its top operators")
     args = ap.parse_args()
+    if args.compare and args.cache_variants:
+        ap.error("--compare and --cache-variants are two separate runs; give one")
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
