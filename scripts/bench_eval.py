@@ -16,8 +16,18 @@ unmerged, ``--batch-size``) and alongside it: unmerged at batch 1, then the adap
 (eval.merge_adapter, in place) at ``--batch-size`` and at batch 1, and prints every figure
 as a ratio to the baseline.
 
+``--cache-variants`` runs, on the same examples and the same loaded model (merged as evaluate
+loads it), the baseline (``eval.cache=dynamic``) and alongside it ``eval.cache=static`` and
+``eval.cache=static eval.compile=true`` (its compilation, recompilations included, timed apart
+in a warm-up pass over the same examples), prints the same figures as ratios to the baseline
+and says whether each variant's answers are identical to the baseline's. It also times, alone
+on tensors of the run's shapes, the per-step host work inside transformers' ``generate``
+(float32 logits copy, argmax, stopping criteria) and reports the ``logits_to_keep`` the prefill
+got.
+
     .venv/bin/python scripts/bench_eval.py [--model DIR] [--splits train test] [--batch-size 16]
-        [--threads N] [--limit N] [--max-new-tokens 128] [--precision P] [--compare] [--profile]
+        [--threads N] [--limit N] [--max-new-tokens 128] [--precision P] [--compare] [--cache-variants]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -44,9 +54,13 @@ def main() -> None:
                     help="examples to extrapolate to (default: Speechocean762 test, 2,500 utterances x 2 tasks)")
     ap.add_argument("--compare", action="store_true",
                     help="baseline (unmerged, --batch-size) against batch 1 and the merged adapter, as ratios")
+    ap.add_argument("--cache-variants", action="store_true",
+                    help="baseline (dynamic cache) against eval.cache=static and static + eval.compile, as ratios")
     ap.add_argument("--profile", action="store_true",
                     help="also run the first batch under torch.profiler and print its top operators")
     args = ap.parse_args()
+    if args.compare and args.cache_variants:
+        ap.error("--compare and --cache-variants are two separate runs; give one")
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
@@ -81,12 +95,37 @@ def main() -> None:
     # warm-up (first-call allocations, lazy imports), not timed
     generate_all(loaded.model, loaded.processor, examples[:2], batch_size=2, max_new_tokens=2, progress=False)
 
-    def measure(label: str, batch_size: int) -> dict:
-        fig = run(loaded, examples, batch_size, cfg.eval.max_new_tokens, args.full_examples)
+    answers: dict[str, list] = {}
+
+    def measure(label: str, batch_size: int, **options) -> dict:
+        fig = run(loaded, examples, batch_size, cfg.eval.max_new_tokens, args.full_examples, **options)
+        answers[label] = fig.pop("answers")
         merged = loaded.merge is not None and loaded.merge.merged
         ops = ops_per_step(loaded, examples[0]) if args.compare else {}
         return {"run": label, "adapter_merged": merged, **fig, **ops}
 
+    if args.cache_variants:
+        runs = cache_variants(measure, loaded, examples, args.batch_size, cfg.eval.max_new_tokens)
+        for r in runs:
+            r["same_answers_as_baseline"] = answers[r["run"]] == answers[runs[0]["run"]]
+        print_runs(runs, utts, args.full_examples)
+        print(ratio_table(runs, CACHE_RATIO_KEYS))
+        for r in runs[1:]:
+            print(f"{r['run']}: answers {'identical to' if r['same_answers_as_baseline'] else 'DIFFERENT from'} "
+                  f"the baseline's ({r['examples']} examples)")
+        print(f"prefill logits_to_keep (set by transformers' generate): {runs[0]['prefill_logits_to_keep']}")
+        host = host_work(loaded, args.batch_size)
+        print(f"per-step host work inside generate, each timed alone at batch {args.batch_size} (median ms): "
+              + ", ".join(f"{k} {v}" for k, v in host.items())
+              + f"; measured gap between two decoder forwards (baseline): {runs[0]['other_ms_per_step']} ms")
+        figures = {"device": str(loaded.plan.device), "precision": loaded.plan.name,
+                   "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
+                   "examples": len(examples), "runs": runs, "host_work_ms": host}
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(figures, fh, indent=2)
+        return
     runs = [measure("baseline" if args.compare else "run", args.batch_size)]
     if args.compare:
         runs.append(measure("batch 1", 1))
@@ -116,12 +155,7 @@ def main() -> None:
         "merge_note": loaded.merge.reason if loaded.merge is not None else None,
         "runs": runs,
     }
-    for r in runs:
-        print(f"[{r['run']}] {r['examples']} examples ({utts} utterances x tasks), batch {r['batch_size']}: "
-              f"{r['generation_wall_s']} s generation wall time, {r['examples_per_s']} examples/s, "
-              f"{r['tokens_per_s']} tokens/s; {r['decode_steps']} decoding steps in {r['batches']} batches: "
-              f"{r['ms_per_decode_step']} ms/step (model {r['model_ms_per_step']} + other {r['other_ms_per_step']}); "
-              f"{args.full_examples} examples would take {r['extrapolated_full_s'] / 60:.1f} min")
+    print_runs(runs, utts, args.full_examples)
     print(f"model load {load_s:.1f} s")
     if args.compare:
         print(ratio_table(runs))
@@ -133,6 +167,96 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)
+
+
+def print_runs(runs: list[dict], utts: int, full_examples: int) -> None:
+    for r in runs:
+        print(f"[{r['run']}] {r['examples']} examples ({utts} utterances x tasks), batch {r['batch_size']}: "
+              f"{r['generation_wall_s']} s generation wall time, {r['examples_per_s']} examples/s, "
+              f"{r['tokens_per_s']} tokens/s; {r['decode_steps']} decoding steps in {r['batches']} batches: "
+              f"{r['ms_per_decode_step']} ms/step (model {r['model_ms_per_step']} + other {r['other_ms_per_step']}); "
+              f"{full_examples} examples would take {r['extrapolated_full_s'] / 60:.1f} min")
+
+
+def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: int) -> list[dict]:
+    """eval.cache=dynamic (the baseline), static, and static + eval.compile on the same model.
+
+    The compiled variant first runs a warm-up pass over the same examples, which compiles every
+    shape the timed pass meets (each new batch size or static-cache length is a recompilation);
+    its time and the graphs compiled are reported apart, and the timed pass counts any further
+    compilation.
+    """
+    import torch
+
+    from phi4mm_lora.evaluate.generate import generate_all
+
+    runs = [measure("dynamic (baseline)", batch_size), measure("static", batch_size, cache="static")]
+    counters = torch._dynamo.utils.counters
+
+    def plain_pass() -> float:  # no timer hooks: what evaluate runs
+        t = time.perf_counter()
+        generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                     progress=False, cache="static", compile=True)
+        return time.perf_counter() - t
+
+    warm_s = plain_pass()
+    frames = counters["frames"]["ok"]
+    plain_s = plain_pass()
+    measure("static+compile", batch_size, cache="static", compile=True)  # recompiles: the hooks break the graph
+    hooked = counters["frames"]["ok"]
+    r = measure("static+compile", batch_size, cache="static", compile=True)
+    r.update(compile_warmup_s=round(warm_s, 1), wall_s_without_timer_hooks=round(plain_s, 2),
+             frames_compiled_in_warmup=frames, frames_compiled_in_timed_pass=counters["frames"]["ok"] - hooked)
+    print(f"static+compile: warm-up pass (compilation of {frames} frame(s) included) {warm_s:.1f} s; a second pass "
+          f"{plain_s:.2f} s; the timed pass with the timer's hooks (warmed up too) compiled "
+          f"{r['frames_compiled_in_timed_pass']} more")
+    return runs + [r]
+
+
+def host_work(loaded, batch_size: int, reps: int = 30) -> dict[str, float]:
+    """Median ms of each per-step host operation of transformers' greedy ``generate`` loop, run
+    alone on tensors of one step's shapes: the float32 copy of the last position's logits
+    (``outputs.logits[:, -1].to(copy=True, dtype=torch.float32)``), the argmax over the
+    vocabulary, transformers' stopping criteria (max length + the two stop ids) and appending
+    the new tokens to ``input_ids``. The logits take the lm_head's dtype (bf16 on a GPU plan)."""
+    import statistics
+
+    import torch
+    from transformers.generation.stopping_criteria import (
+        EosTokenCriteria,
+        MaxLengthCriteria,
+        StoppingCriteriaList,
+    )
+
+    from phi4mm_lora.evaluate.generate import _device_of, stop_ids
+
+    model = loaded.model
+    head = model.get_output_embeddings()
+    vocab, dev = head.weight.shape[0], _device_of(model)
+    logits = torch.randn(batch_size, 1, vocab, dtype=head.weight.dtype, device=dev)
+    scores = logits[:, -1].float()
+    ids = torch.randint(0, vocab, (batch_size, 800), device=dev)
+    nxt = torch.argmax(scores, -1)
+    crit = StoppingCriteriaList([MaxLengthCriteria(900), EosTokenCriteria(stop_ids(loaded.processor.tokenizer))])
+
+    def ms(fn) -> float:
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t))
+        return round(statistics.median(times), 3)
+
+    return {
+        "float32 logits copy": ms(lambda: logits[:, -1].to(copy=True, dtype=torch.float32)),
+        "argmax": ms(lambda: torch.argmax(scores, dim=-1)),
+        "stopping criteria": ms(lambda: crit(ids, None)),
+        "input_ids append": ms(lambda: torch.cat([ids, nxt[:, None]], dim=-1)),
+    }
 
 
 def last_logits(loaded, examples, adapter: bool = True):
@@ -192,6 +316,7 @@ class StepTimer:
         self.prefills = self.decodes = 0
         self._start = self._end = None
         self._is_prefill = False
+        self.logits_to_keep = None  # what generate passed to the last prefill (1: only the last position's logits)
 
     def _now(self) -> float:
         if self.cuda:
@@ -204,6 +329,8 @@ class StepTimer:
         now = self._now()
         ids, emb = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         self._is_prefill = emb is not None or (ids is not None and ids.shape[1] > 1)
+        if self._is_prefill:
+            self.logits_to_keep = kwargs.get("logits_to_keep")
         if not self._is_prefill and self._end is not None:
             self.gap_s += now - self._end
         self._start = now
@@ -223,7 +350,8 @@ class StepTimer:
             h.remove()
 
 
-def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int) -> dict:
+def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int,
+        cache: str = "dynamic", compile: bool = False) -> dict:
     """Generate for ``examples`` as evaluate does; wall time, throughput and its split."""
     from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, plan_batches
 
@@ -231,7 +359,7 @@ def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: i
     t1 = time.perf_counter()
     try:
         gens = generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, progress=False)
+                            max_new_tokens=max_new_tokens, progress=False, cache=cache, compile=compile)
     finally:
         timer.remove()
     gen_s = time.perf_counter() - t1
@@ -267,6 +395,8 @@ def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: i
         "share_prep": round(outside / gen_s, 3),
         "full_examples": full_examples,
         "extrapolated_full_s": round(full_examples / (len(examples) / gen_s), 1),
+        "prefill_logits_to_keep": timer.logits_to_keep,
+        "answers": [(g.id, g.text, g.n_tokens, g.error) for g in gens],
     }
 
 
@@ -274,14 +404,18 @@ RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "p
               "prep_ms_per_example", "examples_per_s", "aten_ops_per_step", "matmuls_per_step")
 
 
-def ratio_table(runs: list[dict]) -> str:
+CACHE_RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",
+                    "examples_per_s", "extrapolated_full_s")
+
+
+def ratio_table(runs: list[dict], keys: tuple[str, ...] = RATIO_KEYS) -> str:
     """One line per run: each figure and its ratio to the first run (the baseline)."""
     base = runs[0]
-    head = f"{'run':<18}" + "".join(f"{k:>24}" for k in RATIO_KEYS)
+    head = f"{'run':<18}" + "".join(f"{k:>24}" for k in keys)
     lines = [head]
     for r in runs:
         cells = []
-        for k in RATIO_KEYS:
+        for k in keys:
             ratio = r[k] / base[k] if base[k] else float("nan")
             cells.append(f"{r[k]:>12} ({ratio:5.2f}x)")
         lines.append(f"{r['run']:<18}" + "".join(f"{c:>24}" for c in cells))

@@ -19,10 +19,15 @@ Why it is shaped like this:
 * A bad audio file, or a batch that fails inside the model, never stops the run: the
   example becomes a :class:`Generation` with ``error`` set, named by its id. A failing
   batch is retried one example at a time so only the culprit is marked.
+* ``eval.cache`` / ``eval.compile`` choose transformers' own KV cache and compile path
+  (:func:`cache_options`); the answers are the same token ids with either cache (tested on the
+  tiny model, batched and one at a time).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ import torch
 from phi4mm_lora.data.audio import TARGET_SR, AudioError, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import generation_prompt
+from phi4mm_lora.errors import UserError
 
 END_TOKEN = "<|end|>"
 #: Fallback ids when the tokenizer does not know the names (Phi-4's values).
@@ -70,6 +76,45 @@ def stop_ids(tokenizer: Any) -> list[int]:
         if e not in ids:
             ids.append(int(e))
     return ids
+
+
+#: Static caches are sized up to a multiple of this many positions, so that a compiled step
+#: sees a handful of cache shapes over a run instead of one per batch (each new shape is a
+#: recompilation, or a CUDA-graph recording); masked slots change no answer.
+STATIC_CACHE_ROUND = 256
+
+
+def cache_options(cache: str = "dynamic", compile: bool = False, length: int | None = None) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``eval.cache`` / ``eval.compile``.
+
+    dynamic: transformers' default ``DynamicCache`` (nothing to pass). static: a ``StaticCache``
+    (``cache_implementation="static"``) of ``length`` (prompt + budget) rounded up to
+    :data:`STATIC_CACHE_ROUND`. transformers compiles the decoding step by itself whenever the
+    cache is static and the device is a GPU, so a static cache without ``compile`` passes
+    ``disable_compile``; with ``compile`` it passes a ``CompileConfig`` (transformers' defaults:
+    inductor, ``reduce-overhead`` i.e. CUDA graphs on a GPU) marked to compile on a CPU too.
+    """
+    if cache == "dynamic":
+        if compile:
+            raise ValueError("compile needs the static cache (eval.cache=static)")
+        return {}
+    if cache != "static":
+        raise ValueError(f"unknown cache {cache!r}: dynamic or static")
+    from transformers import CompileConfig, GenerationConfig
+
+    opts: dict[str, Any] = {"cache_implementation": "static"}
+    if length is not None and hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5
+        opts["max_cache_len"] = -(-length // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+    if compile:
+        if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
+            raise UserError("eval.compile=true needs a C++ compiler for torch.compile (inductor), and none is on "
+                            "PATH; install one (e.g. apt-get install g++) or set eval.compile=false")
+        cc = CompileConfig()
+        cc._compile_all_devices = True  # transformers' own switch for compiling off-GPU (the CPU tests, the bench)
+        opts["compile_config"] = cc
+    else:
+        opts["disable_compile"] = True
+    return opts
 
 
 def _load_image(path: str) -> Any:
@@ -150,8 +195,11 @@ def generate_batch(
     examples: Sequence[Example],
     max_new_tokens: int,
     audio: dict[str, np.ndarray] | None = None,
+    cache: str = "dynamic",
+    compile: bool = False,
 ) -> list[Generation]:
-    """Greedy answers for one batch; ``audio`` maps example id -> 16 kHz samples."""
+    """Greedy answers for one batch; ``audio`` maps example id -> 16 kHz samples; ``cache`` and
+    ``compile`` as :func:`cache_options`."""
     if audio is None:
         audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
     tok = processor.tokenizer
@@ -163,11 +211,12 @@ def generate_batch(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(processor, examples, audio).items()}
     stops = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
+    prompt_len = batch["input_ids"].shape[1]
     out = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         eos_token_id=stops, pad_token_id=pad, use_cache=True,
+        **cache_options(cache, compile, prompt_len + max_new_tokens),
     )
-    prompt_len = batch["input_ids"].shape[1]
     new = (out[:, prompt_len:] if out.shape[1] > prompt_len else out).tolist()
     gens = []
     stop_set = set(stops)
@@ -209,13 +258,17 @@ def generate_all(
     progress: bool = True,
     on_batch: Callable[[list[Generation]], None] | None = None,
     audio: dict[str, np.ndarray] | None = None,
+    cache: str = "dynamic",
+    compile: bool = False,
 ) -> list[Generation]:
     """One :class:`Generation` per example, in input order; failures carry ``error``.
 
     ``max_new_tokens`` caps the per-task budgets of :data:`TASK_MAX_NEW_TOKENS`. ``audio``
     holds already decoded 16 kHz samples by example id (the server decodes uploads in
-    memory); other examples are read from their ``audio_path``.
+    memory); other examples are read from their ``audio_path``. ``cache``/``compile``:
+    ``eval.cache``/``eval.compile`` (:func:`cache_options`).
     """
+    cache_options(cache, compile)  # a bad combination fails here, before any work
     decoded = audio or {}
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -238,7 +291,7 @@ def generate_all(
                     except AudioError as exc:
                         results[ex.id] = Generation(ex.id, ex.task, error=f"audio: {exc}")
                 budget = max_tokens_for(batch[0].task, max_new_tokens)
-                gens = _run_batch(model, processor, ok, budget, batch_audio)
+                gens = _run_batch(model, processor, ok, budget, batch_audio, cache, compile)
                 for g in gens:
                     results[g.id] = g
                 if on_batch is not None:
@@ -250,18 +303,18 @@ def generate_all(
 
 
 def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], budget: int,
-               audio: dict[str, np.ndarray]) -> list[Generation]:
+               audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False) -> list[Generation]:
     """The batch at once; if the model fails on it, each example alone (culprits marked)."""
     if not batch:
         return []
     try:
-        return generate_batch(model, processor, batch, budget, audio)
+        return generate_batch(model, processor, batch, budget, audio, cache, compile)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
         if len(batch) == 1:
             return [Generation(batch[0].id, batch[0].task, error=f"generation: {type(exc).__name__}: {exc}")]
-    return [g for ex in batch for g in _run_batch(model, processor, [ex], budget, audio)]
+    return [g for ex in batch for g in _run_batch(model, processor, [ex], budget, audio, cache, compile)]
 
 
 def throughput(n: int, seconds: float) -> str:

@@ -109,7 +109,8 @@ def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
     """Generate for ``examples`` and turn the answers into records; also timing figures."""
     t0 = time.perf_counter()
     gens = generate_all(model, processor, examples, batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
+                        max_new_tokens=cfg.eval.max_new_tokens, progress=progress,
+                        cache=cfg.eval.cache, compile=cfg.eval.compile)
     seconds = time.perf_counter() - t0
     records = [build_record(ex, g) for ex, g in zip(examples, gens, strict=True)]
     tasks = sorted({ex.task for ex in examples})
