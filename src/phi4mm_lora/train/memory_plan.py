@@ -250,6 +250,10 @@ def apply_checkpointing(model: torch.nn.Module, mode: str) -> int:
     too, so which decoder layers it picks would depend on the module order.)
     """
     if mode == "none":
+        on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.2x name; older: the next
+        if on if on is not None else getattr(model, "is_gradient_checkpointing", False):  # switched on before
+            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            off()
         return 0
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
