@@ -64,8 +64,9 @@ def _values_per_layer_token(peak: float) -> float:
 #: layers like ``none`` and half like ``full``, so it is their mean: derived, not measured.
 #: The figures include everything that grows with the tokens (the audio encoder, the
 #: answer-only lm_head), so they are scaled to other models by their decoder size: right for
-#: the full-size model, rough for much smaller ones. Checked against the selective precision
-#: plan, also measured there: 8.4 GB at batch 1 (estimate 8.2) and 8.9 GB at batch 8 (9.3).
+#: the full-size model, rough for much smaller ones. Checked against the other rows measured
+#: there, not used to fit: nf4 with full checkpointing at batch 8, 14.1 GB (estimate 14.1); the
+#: selective precision plan, 8.4 GB at batch 1 (estimate 8.2) and 8.9 GB at batch 8 (9.3).
 VALUES_PER_LAYER_TOKEN: dict[str, float] = {
     "none": _values_per_layer_token(CALIBRATION["peak_none"]),
     "full": _values_per_layer_token(CALIBRATION["peak_full"]),
