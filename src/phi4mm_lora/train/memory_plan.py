@@ -164,12 +164,18 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         """What the recipe prints at setup: one line per choice."""
-        if self.available is None:
-            why = f"auto: {self.device} has no memory limit to plan for"
-        else:
-            why = f"auto: needs ~{self.estimate / GB:.1f} GB of {self.available / GB:.1f} GB free on {self.device}"
-        mode_why = why if self.mode_source == "auto" else "set in config"
-        micro_why = why if self.micro_source == "auto" else "set in config"
+        need = None
+        if self.available is not None:
+            need = f"needs ~{self.estimate / GB:.1f} GB of {self.available / GB:.1f} GB free on {self.device}"
+            if not fits(self.estimate, self.available):
+                need += ", more than fits: expect an out-of-memory error"
+
+        def why(source: str) -> str:
+            if source == "auto":
+                return f"auto: {need or f'{self.device} has no memory limit to plan for'}"
+            return "set in config" + (f"; {need}" if need else "")
+
+        mode_why, micro_why = why(self.mode_source), why(self.micro_source)
         return [f"memory plan: gradient checkpointing {self.gradient_checkpointing} ({mode_why})",
                 f"memory plan: micro-batch {self.micro_batch} x {self.passes} pass(es) per batch, x grad_accum "
                 f"{self.grad_accum} = {self.batch_size * self.grad_accum} examples per optimizer step per process "
