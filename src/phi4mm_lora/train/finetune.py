@@ -407,7 +407,7 @@ class FinetuneRecipe:
         available = memory_plan.device_memory(acc.device)
         self.plan = memory_plan.choose_plan(
             memory_plan.footprint(self.model, self.loaded.plan.dtype), batch_size=tc.batch_size,
-            grad_accum=tc.grad_accum, longest_tokens=self._longest_tokens() if available is not None else 0,
+            grad_accum=tc.grad_accum, longest_tokens=self._longest_tokens(),
             available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
 

@@ -45,12 +45,16 @@ from phi4mm_lora.errors import UserError
 MODES: tuple[str, ...] = ("none", "selective", "full")
 
 #: Calibration point: one H200, bf16 plan, pretrained speech LoRA (r=320, 461,373,440 fp32
-#: trainable parameters), batch 8 of the bundled corpus (~525 tokens per example, so ~4,200
-#: tokens per micro-batch), transformers 5.24: peak allocated 46.5 GB without checkpointing and
-#: 18.9 GB with it (issue 10's table; shared/docs/gpu-measurements.md). The training state of
-#: that run is 16.87 GB (weights 11.33 + gradients 1.85 + AdamW 3.69, exact, docs/benchmarks.md
-#: "Full-size memory per plan"), so its activations were 29.6 GB and 2.03 GB.
-CALIBRATION = {"state_bytes": 16.87e9, "peak_none": 46.5e9, "peak_full": 18.9e9, "tokens": 4200,
+#: trainable parameters), batch 8 of the bundled corpus, transformers 5.24: peak allocated
+#: 46.5 GB without checkpointing and 18.9 GB with it (issue 10's table;
+#: shared/docs/gpu-measurements.md). The training state of that run is 16.87 GB (weights 11.33 +
+#: gradients 1.85 + AdamW 3.69, exact, docs/benchmarks.md "Full-size memory per plan"), so its
+#: activations were 29.6 GB and 2.03 GB. A peak is reached by the largest batch: the bundled
+#: corpus averages ~525 tokens per example but its longest (APA) example has 752, and the
+#: run's batch plan (seed 42, grouped by length) has a batch of 8 such examples at step 4, padded
+#: to 6,016 tokens. So the figures are per padded token of the longest batch - what
+#: :func:`choose_plan` costs a micro-batch at (micro-batch x the longest example).
+CALIBRATION = {"state_bytes": 16.87e9, "peak_none": 46.5e9, "peak_full": 18.9e9, "tokens": 8 * 752,
                "layers": 32, "hidden": 3072, "act_bytes": 2}
 
 
@@ -60,8 +64,11 @@ def _values_per_layer_token(peak: float) -> float:
 
 
 #: Activation bytes per token = layers x hidden x bytes per value x this. Fitted to the two
-#: measured peaks above (~35.9 for ``none``, ~2.5 for ``full``); ``selective`` keeps half the
+#: measured peaks above (~25.0 for ``none``, ~1.7 for ``full``); ``selective`` keeps half the
 #: layers like ``none`` and half like ``full``, so it is their mean: derived, not measured.
+#: Saved tensors counted on CPU agree (scripts/bench_memory_plan.py: 24.7 values per layer and
+#: token kept without checkpointing with LoRA dropout; 1.0 with it, plus one layer recomputed
+#: during backward, ~0.8 spread over 32 layers).
 #: The figures include everything that grows with the tokens (the audio encoder, the
 #: answer-only lm_head), so they are scaled to other models by their decoder size: right for
 #: the full-size model, rough for much smaller ones. Checked against the other rows measured
@@ -153,6 +160,8 @@ class MemoryPlan:
     available: float | None = None
     """Bytes this process may use on the device; None: no limit is known (CPU, MPS)."""
     device: str = "cpu"
+    longest_tokens: int = 0
+    """Tokens of the longest example, what each micro-batch was costed at."""
 
     @property
     def passes(self) -> int:
@@ -199,6 +208,7 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
     modes = MODES if mode == "auto" else (mode,)
     micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [int(micro_batch)]
     base = {"batch_size": batch_size, "grad_accum": grad_accum, "available": available, "device": device,
+            "longest_tokens": longest_tokens,
             "mode_source": "auto" if mode == "auto" else "config",
             "micro_source": "auto" if micro_batch == "auto" else "config"}
     if available is None:
