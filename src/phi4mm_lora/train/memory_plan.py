@@ -50,10 +50,12 @@ MODES: tuple[str, ...] = ("none", "selective", "full")
 #: shared/docs/gpu-measurements.md). The training state of that run is 16.87 GB (weights 11.33 +
 #: gradients 1.85 + AdamW 3.69, exact, docs/benchmarks.md "Full-size memory per plan"), so its
 #: activations were 29.6 GB and 2.03 GB. A peak is reached by the largest batch: the bundled
-#: corpus averages ~525 tokens per example but its longest (APA) example has 752, and the
-#: run's batch plan (seed 42, grouped by length) has a batch of 8 such examples at step 4, padded
-#: to 6,016 tokens. So the figures are per padded token of the longest batch - what
-#: :func:`choose_plan` costs a micro-batch at (micro-batch x the longest example).
+#: corpus averages ~525 tokens per example but its longest (APA) example has 752, and this
+#: code's batch plan for that run (seed 42, grouped by length) has a batch of 8 such examples at
+#: step 4, padded to 6,016 tokens (the measured run, at dbc0889, had the same corpus and seed;
+#: the prompt rendering was reworked since, so its lengths may differ by a few tokens). The
+#: figures are per padded token of that batch - what :func:`choose_plan` costs a micro-batch at
+#: (micro-batch x the longest example).
 CALIBRATION = {"state_bytes": 16.87e9, "peak_none": 46.5e9, "peak_full": 18.9e9, "tokens": 8 * 752,
                "layers": 32, "hidden": 3072, "act_bytes": 2}
 
