@@ -14,7 +14,9 @@ equal 1); FSDP1 and DeepSpeed are not (see that module).
 What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
 
 1. the epoch's batch plan (:func:`~phi4mm_lora.data.collate.batch_plan`, deterministic in
-   seed and epoch) gives this step ``W * A`` micro-batches; process ``r`` takes every W-th;
+   seed and epoch) gives this step ``W * A`` batches; process ``r`` takes every W-th and cuts
+   each into micro-batches of ``train.micro_batch`` (the memory plan,
+   :mod:`phi4mm_lora.train.memory_plan`, which also chooses gradient checkpointing);
 2. the label tokens of all of them are counted (all-reduced over processes) *first*, so each
    micro-batch's summed loss is divided by the step's total: gradient accumulation and
    multi-process training then give exactly the gradient of one big batch;
