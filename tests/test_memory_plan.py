@@ -115,8 +115,12 @@ def test_old_configs_still_load_and_resume():
     saved["train"]["gradient_checkpointing"] = True  # as a checkpoint written before the modes saved it
     del saved["train"]["micro_batch"]
     assert resume_changes(saved, load_config(None, ["train.micro_batch=2"])) == {}
-    with pytest.raises(UserError, match="micro_batch \\(9\\) is larger than batch_size \\(8\\)"):
-        load_config(None, ["train.micro_batch=9"])
+    with pytest.raises(UserError, match="train.micro_batch: must be a whole number >= 1, or auto"):
+        load_config(None, ["train.micro_batch=0"])
+    # a micro-batch is "at most": a config's micro_batch above a batch_size lowered by an override is one pass
+    assert load_config(None, ["train.micro_batch=9"]).train.micro_batch == 9
+    plan = mp.choose_plan(BF16, batch_size=8, grad_accum=1, longest_tokens=TOKENS, available=None, micro_batch=9)
+    assert (plan.micro_batch, plan.passes, plan.micro_source) == (8, 1, "config")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import read_text
@@ -192,8 +192,8 @@ class TrainConfig(_Section):
     """Batches per optimizer step (per process): the optimizer sees batch_size x grad_accum examples per process,
     whatever micro_batch is."""
     micro_batch: int | Literal["auto"] = "auto"
-    """Examples per forward/backward pass: each batch is cut into passes of at most this many, whose gradients
-    add up to the batch's (same numbers, less memory, slower). auto: the largest that fits the GPU's free
+    """Most examples per forward/backward pass: each batch is cut into passes of at most this many, whose
+    gradients add up to the batch's (same numbers, less memory, slower; >= batch_size: one pass). auto: the largest that fits the GPU's free
     memory with the chosen gradient_checkpointing (CPU: batch_size). Printed at the start of training."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
@@ -259,13 +259,6 @@ class TrainConfig(_Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError("must be a whole number >= 1, or auto")
-
-    @model_validator(mode="after")
-    def _micro_within_batch(self) -> TrainConfig:
-        if isinstance(self.micro_batch, int) and self.micro_batch > self.batch_size:
-            raise ValueError(f"micro_batch ({self.micro_batch}) is larger than batch_size "
-                             f"({self.batch_size}): a micro-batch is a part of a batch; lower it or use auto")
-        return self
 
     @field_validator("lr", "epochs")
     @classmethod

@@ -402,8 +402,8 @@ class FinetuneRecipe:
         tc, acc = self.tc, self.accelerator
         micro = tc.micro_batch
         if distributed.is_deepspeed(acc):  # accelerate steps the DeepSpeed engine after every backward
-            if micro not in ("auto", tc.batch_size):
-                raise UserError(f"with DeepSpeed use train.micro_batch=auto or {tc.batch_size} (= train.batch_size): "
+            if micro != "auto" and micro < tc.batch_size:
+                raise UserError(f"with DeepSpeed use train.micro_batch=auto or >= train.batch_size ({tc.batch_size}): "
                                 "accelerate steps the DeepSpeed engine after every backward pass")
             micro = tc.batch_size
         available = memory_plan.device_memory(acc.device)

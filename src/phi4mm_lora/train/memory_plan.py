@@ -202,13 +202,14 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
     Micro-batch before mode because on the measured H200 a pass costs ~0.8 s almost whatever
     its size (batch 1: 0.79 s/step, batch 8: 1.14 s/step), so splitting a batch in two costs
     more than recomputing it (full checkpointing: 0.84 against 0.49 s/step at batch 8). A value
-    given in the config is kept; ``auto`` values are chosen around it. Each micro-batch is
+    given in the config is kept (a micro-batch larger than the batch is the whole batch);
+    ``auto`` values are chosen around it. Each micro-batch is
     costed at ``longest_tokens`` per example (padding to the longest, the worst case).
     ``available`` None (CPU, MPS: no limit known) gives the fastest setting.
     Raises :class:`UserError` (one line, what to change) when no candidate fits.
     """
     modes = MODES if mode == "auto" else (mode,)
-    micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [int(micro_batch)]
+    micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [min(int(micro_batch), batch_size)]
     base = {"batch_size": batch_size, "grad_accum": grad_accum, "available": available, "device": device,
             "longest_tokens": longest_tokens,
             "mode_source": "auto" if mode == "auto" else "config",
@@ -222,7 +223,7 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
                 return MemoryPlan(g, m, estimate=need, **base)
     need = estimate_peak(fp, modes[-1], micros[-1] * longest_tokens)
     if mode != "auto" and micro_batch != "auto":  # the user's explicit choice wins; training may still fit
-        return MemoryPlan(mode, int(micro_batch), estimate=need, **base)
+        return MemoryPlan(mode, micros[0], estimate=need, **base)
     raise UserError(_no_fit_message(fp, need, available, device, mode, micro_batch, longest_tokens))
 
 
