@@ -13,7 +13,8 @@ pass before the optimizer steps.
 
 What the modes do (:func:`apply_checkpointing`), all through transformers' own per-layer
 switches (``GradientCheckpointingLayer.gradient_checkpointing``, set by
-``activation_checkpointing_enable``):
+``activation_checkpointing_enable``, ``gradient_checkpointing_enable`` before 5.2x; tested on
+4.57.6 and 5.24):
 
 * ``none``: every activation is kept; fastest, most memory;
 * ``full``: every decoder layer keeps only its input and recomputes the rest in backward
@@ -21,7 +22,7 @@ switches (``GradientCheckpointingLayer.gradient_checkpointing``, set by
 * ``selective``: every other decoder layer (indices 0, 2, 4, ...) is recomputed, the others keep
   their activations: about half the memory saving of ``full`` for half its recompute.
 
-Phi-4-MM's audio conformer has no checkpointing switch in transformers 5.x, so it keeps its
+Phi-4-MM's audio conformer has no checkpointing switch (transformers 4.57-5.24), so it keeps its
 activations in every mode (they are small: ~80 ms per audio token, 1024 wide); the vision
 tower's layers follow ``full`` in ``full`` and ``selective`` (unused by audio tasks).
 
