@@ -1,6 +1,6 @@
 """Training throughput of the real ``train`` recipe on one GPU: s/step, examples/s, tokens/s, MFU, memory.
 
-    python scripts/bench_gpu.py                      # random full-size checkpoint, the 5 rows measured before
+    python scripts/bench_gpu.py                      # random full-size checkpoint, the 5 rows measured before + auto
     python scripts/bench_gpu.py --checkpoint DIR     # an existing native checkpoint (skips writing one)
     python scripts/bench_gpu.py --dry-run            # tiny model on CPU: checks the harness (CI runs it)
 
@@ -15,6 +15,10 @@ per token ``4 * N_frozen_decoder + 6 * N_trainable + 12 * L * d * T + 6 * V * d 
 gradients through the trainable tensors, attention over ``T`` tokens per example, and the
 answer-only ``lm_head``. The frozen audio encoder's forward is left out (a few percent), so the
 figure errs low. Peak FLOP/s: H100/H200 989e12 bf16 dense, A100 312e12, or ``--peak-tflops``.
+
+Gradient checkpointing per row: ``full``/``none`` (the earlier table's on/off), ``selective`` or
+``auto``; the micro-batch is always ``auto`` (``train.micro_batch``): each row reports the memory
+plan the recipe chose (mode, micro-batch x passes, its estimate) from ``summary.json``.
 
 Output: a JSON file and a markdown table (``--out DIR``), and the table on stdout.
 """
@@ -84,13 +88,13 @@ def steady_state(rows: list[dict], batch: int, warmup: int) -> dict:
             "first_step_s": elapsed[0]}
 
 
-def run_row(model_path: str | None, plan: str, batch: int, gc: bool, steps: int, device: str, out: Path) -> dict:
+def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, device: str, out: Path) -> dict:
     from phi4mm_lora.data.examples import bundled_corpus_path
 
-    run_dir = out / f"{plan}-b{batch}-gc{int(gc)}"
+    run_dir = out / f"{plan}-b{batch}-gc-{gc}"
     overrides = [f"precision={plan}", f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={steps}",
                  "train.save_every_steps=null", "train.keep_checkpoints=null", "train.log_every_steps=1",
-                 f"train.gradient_checkpointing={str(gc).lower()}", "eval.during_training=false",
+                 f"train.gradient_checkpointing={gc}", "train.micro_batch=auto", "eval.during_training=false",
                  f"data.path={bundled_corpus_path()}", f"output_dir={run_dir}", f"model.device={device}",
                  "train.num_workers=2"]
     overrides.append(f"model.path={model_path}" if model_path else "model.path=null")
@@ -122,7 +126,8 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
             row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
                        peak_alloc_gb=r.get("peak_alloc", 0) / 1e9 or None,
                        peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
-                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"])
+                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"],
+                       memory_plan=r["summary"].get("memory_plan"))
         results.append(row)
         print(table_line(row), flush=True)
     return results
@@ -140,23 +145,36 @@ def gpu_peak_flops() -> float | None:
     return None
 
 
-# The rows measured before the speed work (gpu-measurements.md), so before/after compare 1:1.
-DEFAULT_ROWS = (("bf16", 8, True), ("bf16", 8, False), ("nf4", 8, True), ("selective", 8, True), ("selective", 1, True))
+# The rows measured before the speed work (gpu-measurements.md), so before/after compare 1:1,
+# and the memory plan's own choice for the paper recipe (issue 10: an H100 should not checkpoint).
+DEFAULT_ROWS = (("bf16", 8, "full"), ("bf16", 8, "none"), ("nf4", 8, "full"), ("selective", 8, "full"),
+                ("selective", 1, "full"), ("bf16", 8, "auto"))
+GC_ALIASES = {"on": "full", "off": "none"}
 
-HEADER = ("| plan | grad ckpt | batch | steady s/step | examples/s | tokens/s | MFU | peak alloc GB | peak reserved GB |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| plan | grad ckpt | batch | steady s/step | examples/s | tokens/s | MFU | peak alloc GB | peak reserved GB "
+          "| micro-batch x passes | plan's estimate GB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def grad_ckpt_cell(r: dict) -> str:
+    """The mode that ran; ``auto -> full`` when the memory plan chose it."""
+    chosen = (r.get("memory_plan") or {}).get("gradient_checkpointing")
+    return f"auto -> {chosen}" if r["grad_ckpt"] == "auto" and chosen else r["grad_ckpt"]
 
 
 def table_line(r: dict) -> str:
     if "error" in r:
-        return f"| {r['plan']} | {'on' if r['grad_ckpt'] else 'off'} | {r['batch']} | failed: {r['error']} | | | | | |"
+        return f"| {r['plan']} | {r['grad_ckpt']} | {r['batch']} | failed: {r['error']} | | | | | | | |"
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    return (f"| {r['plan']} | {'on' if r['grad_ckpt'] else 'off'} | {r['batch']} | {r['s_per_step']:.3f} | "
+    mp = r.get("memory_plan") or {}
+    micro = f"{mp['micro_batch']} x {mp['passes_per_step']}" if mp else "-"
+    estimate = mp.get("estimate")
+    return (f"| {r['plan']} | {grad_ckpt_cell(r)} | {r['batch']} | {r['s_per_step']:.3f} | "
             f"{r['examples_per_s']:.2f} | {r['tokens_per_s']:,.0f} | {f(r['mfu'], '.1%')} | "
-            f"{f(r['peak_alloc_gb'], '.1f')} | {f(r['peak_reserved_gb'], '.1f')} |")
+            f"{f(r['peak_alloc_gb'], '.1f')} | {f(r['peak_reserved_gb'], '.1f')} | {micro} | "
+            f"{f(estimate / 1e9 if estimate else None, '.1f')} |")
 
 
 def machine() -> str:
@@ -177,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plans", type=lambda s: s.split(","), help="precision plans, e.g. bf16,nf4 (with --batches, --gc: "
                    "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
-    p.add_argument("--gc", type=lambda s: [x == "on" for x in s.split(",")], default=[True],
-                   help="gradient checkpointing settings to try, e.g. on,off")
+    p.add_argument("--gc", type=lambda s: [GC_ALIASES.get(x, x) for x in s.split(",")], default=["full"],
+                   help="gradient checkpointing settings to try: none, selective, full, auto (on/off = full/none), "
+                   "e.g. none,auto")
     p.add_argument("--steps", type=int, default=14, help="optimizer steps per row")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady state")
     p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: known from the GPU name)")
@@ -191,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rows = ([(p_, b, g) for p_ in args.plans for b in args.batches for g in args.gc] if args.plans
                  else list(DEFAULT_ROWS))
     if args.dry_run:
-        args.rows = [("fp32", 2, False), ("fp32", 1, False)]
+        args.rows = [("fp32", 2, "auto"), ("fp32", 1, "none")]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
         model_path, device = None, "cpu"
         write_s = 0.0

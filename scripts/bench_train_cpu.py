@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": _machine(), "threads": torch.get_num_threads(), "setup_s": setup_s,
         "trainable_params": recipe.n_trainable, "precision": recipe.loaded.plan.name,
-        "gradient_checkpointing": recipe.tc.gradient_checkpointing,
+        "gradient_checkpointing": recipe.plan.gradient_checkpointing,
         "batch8": b8, "batch1": b1, "syncs_batch8": dict(syncs8.counts), "syncs_batch1": dict(syncs1.counts),
         "sync_sites_batch8": dict(syncs8.sites.most_common()),
         "batch1_over_batch8_step": b1["step"] / b8["step"],
@@ -231,7 +231,7 @@ def _machine() -> str:
 def table(r: dict) -> str:
     b8 = r["batch8"]
     lines = [f"machine: {r['machine']}; {r['precision']}, gradient checkpointing "
-             f"{'on' if r['gradient_checkpointing'] else 'off'}, {r['trainable_params']:,} trainable params; "
+             f"{r['gradient_checkpointing']}, {r['trainable_params']:,} trainable params; "
              f"setup {r['setup_s']:.1f} s; means of {b8['steps_timed']} steps (batch-8 step {1000 * b8['step_min']:.0f}-"
              f"{1000 * b8['step_max']:.0f} ms)",
              "",

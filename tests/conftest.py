@@ -52,6 +52,9 @@ COMPAT_SUBSET = {
     "test_evaluate_e2e.py": ["test_left_padded_batch_equals_one_at_a_time", "test_evaluate_twice_with_comparison"],
     "test_score.py": ["test_score_json_wav_and_flac"],
     "test_doctor.py": ["test_versions_outside_the_tested_range_warn_once"],
+    # gradient checkpointing modes through each release's own per-layer switches
+    "test_memory_plan.py": ["test_selective_recomputes_every_other_decoder_layer",
+                            "test_micro_batches_and_checkpointing_do_not_change_the_weights"],
 }
 
 

@@ -55,8 +55,12 @@ def test_dry_run_measures_the_real_recipe_on_cpu(tmp_path):
         assert r["steps"] == 2 and r["s_per_step"] > 0 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["mfu"] is None  # no known peak FLOP/s for a CPU: never a made-up figure
         assert r["trainable_params"] > 0
+        # the plan the recipe chose, per row: CPU has no memory limit, so auto is the fastest setting
+        assert r["memory_plan"]["gradient_checkpointing"] == "none" and r["memory_plan"]["micro_batch"] == r["batch"]
+    assert [r["memory_plan"]["mode_source"] for r in report["rows"]] == ["auto", "config"]
     md = (out / "bench.md").read_text()
     assert "| plan | grad ckpt | batch | steady s/step" in md and md.count("| fp32 |") == 2
+    assert "| fp32 | auto -> none | 2 |" in md and "| fp32 | none | 1 |" in md
 
 
 def test_without_a_gpu_the_full_run_refuses_in_one_line(tmp_path):

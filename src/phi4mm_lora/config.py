@@ -186,9 +186,15 @@ class TrainConfig(_Section):
     """Passes over the training examples; fractions allowed."""
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: int = 8
-    """Examples per micro-batch, per process."""
+    """Examples per batch, per process (grouped by length together; see micro_batch for how many go through
+    the model at once)."""
     grad_accum: int = 8
-    """Micro-batches per optimizer step (per process)."""
+    """Batches per optimizer step (per process): the optimizer sees batch_size x grad_accum examples per process,
+    whatever micro_batch is."""
+    micro_batch: int | Literal["auto"] = "auto"
+    """Most examples per forward/backward pass: each batch is cut into passes of at most this many, whose
+    gradients add up to the batch's (same numbers, less memory, slower; >= batch_size: one pass). auto: the largest that fits the GPU's free
+    memory with the chosen gradient_checkpointing (CPU: batch_size). Printed at the start of training."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -199,8 +205,10 @@ class TrainConfig(_Section):
     """Learning-rate schedule after warm-up."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this; null: no clipping."""
-    gradient_checkpointing: bool = True
-    """Recompute decoder activations in backward: less memory, ~30% slower."""
+    gradient_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
+    """Recompute activations in backward: full (every decoder layer; least memory, ~70% slower steps on an H200),
+    selective (every other decoder layer), none (fastest). auto: the fastest that fits the GPU's free memory
+    (CPU: none). true/false mean full/none (older configs)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
     save_every_steps: int | None = None
@@ -238,6 +246,19 @@ class TrainConfig(_Section):
         if v <= 0:
             raise ValueError("must be >= 1")
         return v
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _old_bool(cls, v: Any) -> Any:
+        """Configs and checkpoints written before the modes existed say true/false."""
+        return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a whole number >= 1, or auto")
 
     @field_validator("lr", "epochs")
     @classmethod

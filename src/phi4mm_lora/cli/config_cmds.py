@@ -37,8 +37,9 @@ def format_keys(rows: list[dict[str, Any]]) -> str:
             doc = (RunConfig.model_fields[head].annotation.__doc__ or "").strip() if head else "top-level keys"
             lines.append(f"{'[' + head + ']' if head else '[top level]'}  {doc.splitlines()[0] if doc else ''}".rstrip())
         typ = " | ".join(_value(a) for a in r["allowed"]) if r["allowed"] else r["type"]
-        if r["allowed"] and "null" in r["type"]:
-            typ += " | null"
+        for other in ("int", "null"):  # a choice or a number (train.micro_batch: auto | int), or empty
+            if r["allowed"] and other in r["type"].split(" | "):
+                typ += f" | {other}"
         lines.append(f"  {r['key']}: {typ} = {_value(r['default'])}")
         if r["description"]:
             lines.append(f"      {' '.join(r['description'].split())}")

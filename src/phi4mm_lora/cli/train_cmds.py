@@ -48,7 +48,8 @@ train:
   lr: 0.002
   scheduler: constant
   max_grad_norm: null
-  gradient_checkpointing: false
+  micro_batch: 4         # explicit, so CPU and GPU runs take the same path
+  gradient_checkpointing: none
   group_by_length: true
   log_every_steps: 40
   save_every_steps: null

@@ -14,7 +14,9 @@ equal 1); FSDP1 and DeepSpeed are not (see that module).
 What each optimizer step does (``W`` processes, ``A`` = ``train.grad_accum``):
 
 1. the epoch's batch plan (:func:`~phi4mm_lora.data.collate.batch_plan`, deterministic in
-   seed and epoch) gives this step ``W * A`` micro-batches; process ``r`` takes every W-th;
+   seed and epoch) gives this step ``W * A`` batches; process ``r`` takes every W-th and cuts
+   each into micro-batches of ``train.micro_batch`` (the memory plan,
+   :mod:`phi4mm_lora.train.memory_plan`, which also chooses gradient checkpointing);
 2. the label tokens of all of them are counted (all-reduced over processes) *first*, so each
    micro-batch's summed loss is divided by the step's total: gradient accumulation and
    multi-process training then give exactly the gradient of one big batch;
@@ -51,7 +53,7 @@ from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.train import checkpoint as ckpt
-from phi4mm_lora.train import distributed, trackers
+from phi4mm_lora.train import distributed, memory_plan, trackers
 from phi4mm_lora.train import loss as loss_mod
 
 #: ``evaluate_fn(peft_model, processor, epoch)`` -> flat dict of numbers to log; called after each
@@ -106,16 +108,9 @@ def _peak_rss_mb() -> float:
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute decoder activations in backward (non-reentrant, so frozen inputs work with LoRA).
-
-    transformers 5.2x renamed ``gradient_checkpointing_enable`` to
-    ``activation_checkpointing_enable`` and warns on the old name; older 5.x only has the old one.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Recompute every decoder layer's activations in backward (``train.gradient_checkpointing=full``;
+    the modes are in :func:`phi4mm_lora.train.memory_plan.apply_checkpointing`)."""
+    memory_plan.apply_checkpointing(model, "full")
 
 
 def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
@@ -126,9 +121,16 @@ def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
 
 
 def rank_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int) -> list[list[int]]:
-    """This process's micro-batches of optimizer step ``step`` (within the epoch)."""
+    """This process's batches of optimizer step ``step`` (within the epoch)."""
     chunk = batches[step * world * accum : (step + 1) * world * accum]
     return chunk[rank::world]
+
+
+def step_micro_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int,
+                       micro_batch: int) -> list[list[int]]:
+    """This process's micro-batches of step ``step``: its batches, each cut into passes of at most
+    ``micro_batch`` examples (``train.micro_batch``); the step's examples stay the same."""
+    return [m for b in rank_batches(batches, step, world, rank, accum) for m in memory_plan.split_batch(b, micro_batch)]
 
 
 def plot_losses(metrics_file: Path, out_png: Path, title: str = "training loss") -> Path:
@@ -312,6 +314,7 @@ class FinetuneRecipe:
         self._setup_accelerator()
         self._setup_model()
         self._setup_data()
+        self._setup_memory_plan()
         self._setup_optimizer()
         if self.resume_from is not None:
             self._resume()
@@ -357,8 +360,6 @@ class FinetuneRecipe:
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.float()
         self.n_trainable = sum(p.numel() for p in self.params)
-        if self.tc.gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
         self.model.config.use_cache = False
 
     def _setup_data(self) -> None:
@@ -394,6 +395,29 @@ class FinetuneRecipe:
             raise NothingToDo(f"run {self.run_dir} already finished: {self.resume_from.name} is step "
                               f"{pf.state.global_step} of {self.total_steps}; nothing changed. To train further, "
                               "raise train.epochs or train.max_steps (with --resume-with-changes)")
+
+    def _setup_memory_plan(self) -> None:
+        """Gradient checkpointing and micro-batch (:mod:`~phi4mm_lora.train.memory_plan`): ``auto`` picks
+        the fastest that fits this device's free memory; set before the model is wrapped."""
+        tc, acc = self.tc, self.accelerator
+        micro = tc.micro_batch
+        if distributed.is_deepspeed(acc):  # accelerate steps the DeepSpeed engine after every backward
+            if micro != "auto" and micro < tc.batch_size:
+                raise UserError(f"with DeepSpeed use train.micro_batch=auto or >= train.batch_size ({tc.batch_size}): "
+                                "accelerate steps the DeepSpeed engine after every backward pass")
+            micro = tc.batch_size
+        available = memory_plan.device_memory(acc.device)
+        self.plan = memory_plan.choose_plan(
+            memory_plan.footprint(self.model, self.loaded.plan.dtype), batch_size=tc.batch_size,
+            grad_accum=tc.grad_accum, longest_tokens=self._longest_tokens(),
+            available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
+        memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
+
+    def _longest_tokens(self, candidates: int = 16) -> int:
+        """Tokens of the longest training example: the rough estimate picks the candidates, the
+        tokenizer counts their text (audio: one token per 80 ms)."""
+        longest = sorted(range(len(self.examples)), key=lambda i: -self.lengths[i])[:candidates]
+        return max(estimate_length(self.examples[i], self.processor.tokenizer) for i in longest)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -447,6 +471,8 @@ class FinetuneRecipe:
                  f"{self.world} process(es) ({distributed.kind(self.accelerator)}), precision {self.loaded.plan.name}, "
                  f"trainable {self.n_trainable:,} params "
                  f"({a.trainable_adapter}{' + ' + ', '.join(a.unfrozen_prefixes) if a.unfrozen_prefixes else ''})")
+        for line in self.plan.lines():
+            self.say(line)
         for note in self.report.problems[:5]:
             self.say(f"data: skipped {note}")
         for note in self.setup_notes:
@@ -458,7 +484,8 @@ class FinetuneRecipe:
     def epoch_loader(self, epoch: int, batches: list[list[int]], first: int, last: int):
         """This process's collated micro-batches of steps ``first..last-1`` of ``epoch``."""
         tc = self.tc
-        mine = [b for s in range(first, last) for b in rank_batches(batches, s, self.world, self.rank, tc.grad_accum)]
+        mine = [b for s in range(first, last)
+                for b in step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch)]
         return torch.utils.data.DataLoader(_MicroBatches(self.examples, mine, self.collator), batch_size=None,
                                            num_workers=tc.num_workers, collate_fn=lambda b: b,
                                            # own generator: iter() must not draw from the global RNG,
@@ -481,7 +508,7 @@ class FinetuneRecipe:
             last = min(self.spe, first + self.total_steps - self.global_step)
             it = iter(self.epoch_loader(epoch, batches, first, last))
             for s in range(first, last):
-                n_micro = len(rank_batches(batches, s, self.world, self.rank, tc.grad_accum))
+                n_micro = len(step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch))
                 micro = [_to_device(next(it), acc.device) for _ in range(n_micro)]
                 outcome = self.train_step(micro, epoch)
                 self.global_step += 1
@@ -657,6 +684,7 @@ class FinetuneRecipe:
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
             "eval": self.eval_rows[-1] if self.eval_rows else None,
+            "memory_plan": self.plan.as_dict(),
         }
         if self.main:
             curve = plot_losses(self.metrics_file, run_dir / "loss_curve.png", title=f"training loss - {run_dir.name}")
@@ -665,10 +693,10 @@ class FinetuneRecipe:
             trackers.log_files(acc, [run_dir / "loss_curve.png", run_dir / "summary.json", self.metrics_file])
             trackers.finish(acc, self.cfg, summary)  # TensorBoard: the config as hparams with the final numbers
             self.say("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in summary.items() if k != "eval"))
+                                             for k, v in summary.items() if k not in ("eval", "memory_plan")))
         acc.end_training()
         return TrainResult(run_dir, adapter_dir, summary, losses)
 
 
 __all__ = ["EvaluateFn", "FinetuneRecipe", "StepOutcome", "enable_activation_checkpointing", "TrainResult",
-           "TrainingDiverged", "plot_losses", "rank_batches", "steps_per_epoch", "train"]
+           "TrainingDiverged", "plot_losses", "rank_batches", "step_micro_batches", "steps_per_epoch", "train"]

@@ -28,10 +28,11 @@ from phi4mm_lora.train.runlock import owner_of
 #: ``owner/name``: a hub dataset id (the data layer loads it with datasets.load_dataset).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-#: Settings a resume may change freely: they change neither the numbers nor the data order.
+#: Settings a resume may change freely: they change neither the numbers nor the data order
+#: (train.micro_batch only the draws of dropout masks; auto may resolve differently on another GPU).
 FREE_ON_RESUME = ("output_dir", "model.device", "model.attn_implementation", "train.log_every_steps",
                   "train.save_every_steps", "train.keep_checkpoints", "train.num_workers",
-                  "train.gradient_checkpointing", "data.strict", "data.feature_cache", "data.eval_split", "eval.")
+                  "train.gradient_checkpointing", "train.micro_batch", "data.strict", "data.feature_cache", "data.eval_split", "eval.")
 #: Settings that give the trained tensors other shapes or meaning: a checkpoint cannot continue them.
 STRUCTURE = ("model.path", "model.revision", "adapter.mode", "adapter.base", "adapter.name", "adapter.r",
              "adapter.target_modules", "adapter.include_towers", "adapter.trainable", "adapter.keep_unused")
