@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from picks import three_lengths_both_tasks
 
 from phi4mm_lora.cli import main
 from phi4mm_lora.config import dump_config, load_config
@@ -125,10 +126,7 @@ def test_generate_all_batched_equals_one_at_a_time(tiny_native: Path, trained_ad
     loaded = load_for_inference(cfg)
     assert loaded.merge.merged
     examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
-    utts = sorted({(e.duration, e.utt_id) for e in examples})
-    chosen = {u for _, u in utts[:: max(1, len(utts) // 3)][:3]}  # shortest, middle, longest-ish
-    picked = [e for e in examples if e.utt_id in chosen]
-    assert len({e.task for e in picked}) == 2 and len({e.duration for e in picked}) == 3
+    picked = three_lengths_both_tasks(examples)
 
     def answers(batch_size: int) -> list[tuple[str, int, bool]]:
         gens = generate_all(loaded.model, loaded.processor, picked, batch_size=batch_size, max_new_tokens=8,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from picks import three_lengths_both_tasks
 
 from phi4mm_lora.config import load_config
 from phi4mm_lora.data.audio import load_audio
@@ -48,10 +49,7 @@ def setup(tiny_native: Path):
     loaded = merge_for_inference(loaded)
     assert loaded.merge.merged
     examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
-    utts = sorted({(e.duration, e.utt_id) for e in examples})
-    chosen = {u for _, u in utts[:: max(1, len(utts) // 3)][:3]}  # shortest, middle, longest-ish
-    picked = [e for e in examples if e.utt_id in chosen]
-    assert len({e.task for e in picked}) == 2 and len({e.duration for e in picked}) == 3
+    picked = three_lengths_both_tasks(examples)
     return loaded, picked
 
 
