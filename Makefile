@@ -27,9 +27,11 @@ install: system-deps $(VENV)/.installed
 
 # espeak-ng speaks the generated corpus; without it the committed corpus is used.
 # chromium + chromium-driver run the browser test of the scoring page (skipped without them).
+# g++ lets torch.compile (eval.compile=true) build its kernels; its test is skipped without one.
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) 2>/dev/null || echo "note: espeak-ng not installed; using the committed corpus"; }
 	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) 2>/dev/null || echo "note: chromium/chromium-driver not installed; the browser test of the scoring page is skipped"; }
+	@{ command -v c++ || command -v g++; } >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq g++ >/dev/null) 2>/dev/null || echo "note: g++ not installed; eval.compile=true and its test need a C++ compiler"; }
 
 demo: install
 	$(VENV)/bin/phi4mm-lora demo
