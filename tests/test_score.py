@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,10 @@ def test_score_table_output(tiny_native: Path, corpus_flac: Path, capsys) -> Non
     out = capsys.readouterr().out
     assert "accuracy" in out and "zorblax" in out and "not parsed" in out
     assert "(merged)" in out  # the provenance line says the adapter was merged for inference
+    m = re.search(r"time: 1 recording\(s\) x 2 tasks scored in ([0-9.]+) s with the model loaded "
+                  r"\(loading took ([0-9.]+) s\)", out)
+    assert m, out  # issue 11: the scoring time is printed, apart from loading
+    assert 0 < float(m.group(1)) < 60 and float(m.group(2)) > 0
 
 
 def test_feedback_formats_a_real_answer() -> None:

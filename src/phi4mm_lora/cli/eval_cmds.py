@@ -163,7 +163,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         from phi4mm_lora.cli.service_cmds import cmd_score_batch
 
         return cmd_score_batch(args)
-    results = score(run_config(args), args.audio, args.text, run=args.adapter)
+    timing: dict[str, float] = {}
+    results = score(run_config(args), args.audio, args.text, run=args.adapter, timing=timing)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return 0
@@ -174,4 +175,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         from phi4mm_lora.model.provenance import provenance_line
 
         console.print(f"scored by: {provenance_line(results[0]['provenance'])}", soft_wrap=True, highlight=False)
+        console.print(f"time: {len(results)} recording(s) x 2 tasks scored in {timing['score_seconds']:.2f} s with "
+                      f"the model loaded (loading took {timing['load_seconds']:.1f} s)", soft_wrap=True, highlight=False)
     return 0

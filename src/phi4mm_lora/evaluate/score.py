@@ -17,6 +17,7 @@ and the parse error is reported next to the raw answer.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,16 +153,18 @@ def feedback(audio: str, text: str, apa_raw: str, mdd_raw: str,
 
 
 def score(cfg: RunConfig, audio_paths: Sequence[str | Path], text: str | None, loaded: Any | None = None,
-          progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
+          progress: bool = False, run: Run | str | Path | None = None,
+          timing: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Score each recording against ``text``; one :func:`feedback` dict per recording.
 
     ``run``: a training run folder, a checkpoint or adapter folder, or a
     :class:`~phi4mm_lora.model.run_folder.Run`: its adapter on its own base model, exactly as
     ``phi4mm-lora score --adapter RUN``. Each dict carries ``provenance`` (model, adapter,
     precision, version). Input problems are raised before the run is opened or a model loads.
+    ``timing``, when given, receives the seconds (see :func:`score_batch`).
     """
     items = check_inputs(audio_paths, text)
-    results = score_batch(cfg, loaded, items, progress=progress, run=run)
+    results = score_batch(cfg, loaded, items, progress=progress, run=run, timing=timing)
     for r in results:
         r.pop("error", None)  # reported per task in apa_error / mdd_error
     return results
@@ -247,7 +250,8 @@ def render(result: dict[str, Any]) -> list[Any]:
 
 
 def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
-                progress: bool = False, run: Run | str | Path | None = None) -> list[dict[str, Any]]:
+                progress: bool = False, run: Run | str | Path | None = None,
+                timing: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Score recordings that each read their own sentence, in one batched generation.
 
     The entry point of the HTTP service and of batch scoring: the same prompts and
@@ -255,11 +259,17 @@ def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
     generation failed is not an exception: its dict names the failure in ``error``. Each row's
     answer does not depend on what else is in the batch (see :mod:`~phi4mm_lora.evaluate.generate`).
     ``loaded`` None: the model is loaded from ``cfg`` (set up for ``run`` when given).
+    ``timing``, when given, receives ``load_seconds`` (0 when ``loaded`` was passed) and
+    ``score_seconds``: both tasks of every item with the model loaded, audio decoding included
+    (issue 11's figure: one 5-second recording in under 3 s on a GPU). They stay out of the
+    results, which are the same for the same input.
     """
     from phi4mm_lora.evaluate.run import configure_and_load
     from phi4mm_lora.model.provenance import provenance
 
+    t0 = time.perf_counter()
     cfg, loaded = configure_and_load(cfg, run, loaded)
+    t1 = time.perf_counter()
     examples = task_examples(cfg, items, loaded.processor.audio_token)
     decoded = {ex.id: items[int(ex.utt_id)].samples for ex in examples if items[int(ex.utt_id)].samples is not None}
     gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
@@ -273,4 +283,6 @@ def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
         res = feedback(it.audio, it.text.strip(), apa.text, mdd.text, {"apa": apa.error, "mdd": mdd.error}, rubric)
         res.update(error=apa.error or mdd.error, provenance=prov)
         out.append(res)
+    if timing is not None:
+        timing.update(load_seconds=t1 - t0, score_seconds=time.perf_counter() - t1)
     return out
