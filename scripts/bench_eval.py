@@ -118,13 +118,7 @@ def main() -> None:
         print(f"per-step host work inside generate, each timed alone at batch {args.batch_size} (median ms): "
               + ", ".join(f"{k} {v}" for k, v in host.items())
               + f"; measured gap between two decoder forwards (baseline): {runs[0]['other_ms_per_step']} ms")
-        figures = {"device": str(loaded.plan.device), "precision": loaded.plan.name,
-                   "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
-                   "examples": len(examples), "runs": runs, "host_work_ms": host}
-        print(json.dumps(figures, indent=2))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(figures, fh, indent=2)
+        emit({**machine_figures(loaded), "examples": len(examples), "runs": runs, "host_work_ms": host}, args.json)
         return
     runs = [measure("baseline" if args.compare else "run", args.batch_size)]
     if args.compare:
@@ -142,12 +136,7 @@ def main() -> None:
         else:
             print(f"merged runs skipped: {loaded.merge.reason}")
     figures = {
-        "device": str(loaded.plan.device),
-        "precision": loaded.plan.name,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        **machine_figures(loaded),
         "splits": args.splits,
         "utterances": utts,
         "examples": len(examples),
@@ -159,13 +148,27 @@ def main() -> None:
     print(f"model load {load_s:.1f} s")
     if args.compare:
         print(ratio_table(runs))
-    print(json.dumps(figures, indent=2))
+    emit(figures, args.json)
     if args.profile:
         from phi4mm_lora.evaluate.generate import plan_batches
 
         profile_batch(loaded, plan_batches(examples, args.batch_size)[0], cfg.eval.max_new_tokens)
-    if args.json:
-        with open(args.json, "w") as fh:
+
+
+def machine_figures(loaded) -> dict:
+    """Where the figures were measured: device, plan, CPU, threads and the load at the time."""
+    import torch
+
+    return {"device": str(loaded.plan.device), "precision": loaded.plan.name,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def emit(figures: dict, path: str | None) -> None:
+    """The figures as JSON on stdout, and into ``path`` (--json) when given."""
+    print(json.dumps(figures, indent=2))
+    if path:
+        with open(path, "w") as fh:
             json.dump(figures, fh, indent=2)
 
 

@@ -84,14 +84,14 @@ def run_variant(variant: str, layers: int, steps: int) -> dict[str, Any]:
     from phi4mm_lora.data.audio import load_audio
     from phi4mm_lora.data.collate import Collator
     from phi4mm_lora.data.prompts import training_text
-    from phi4mm_lora.train.finetune import enable_activation_checkpointing
     from phi4mm_lora.train.loss import answer_loss_sum, count_label_tokens
+    from phi4mm_lora.train.memory_plan import apply_checkpointing
 
     torch.manual_seed(0)
     model, _state, processor = bench_model(layers)
     examples = bench_examples(processor)
     if variant == "pipeline+gc":
-        enable_activation_checkpointing(model)
+        apply_checkpointing(model, "full")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -107,12 +107,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute every decoder layer's activations in backward (``train.gradient_checkpointing=full``;
-    the modes are in :func:`phi4mm_lora.train.memory_plan.apply_checkpointing`)."""
-    memory_plan.apply_checkpointing(model, "full")
-
-
 def steps_per_epoch(n_batches: int, world: int, accum: int) -> int:
     """Optimizer steps in one epoch. One process keeps a short last step; several drop it
     (a process with no micro-batch would stall the others' gradient all-reduce)."""
@@ -698,5 +692,5 @@ class FinetuneRecipe:
         return TrainResult(run_dir, adapter_dir, summary, losses)
 
 
-__all__ = ["EvaluateFn", "FinetuneRecipe", "StepOutcome", "enable_activation_checkpointing", "TrainResult",
+__all__ = ["EvaluateFn", "FinetuneRecipe", "StepOutcome", "TrainResult",
            "TrainingDiverged", "plot_losses", "rank_batches", "step_micro_batches", "steps_per_epoch", "train"]
