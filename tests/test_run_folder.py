@@ -189,3 +189,18 @@ def test_every_entry_takes_a_run_like_the_cli(run_dir: Path, base_copy: Path, fl
     assert service.provenance == by_cli["provenance"]
     assert (served["apa_raw"], served["mdd_raw"], served["scores"]) == (by_cli["apa_raw"], by_cli["mdd_raw"],
                                                                           by_cli["scores"])
+
+
+def test_a_run_on_the_pretrained_tiny_base_is_evaluated_on_that_base(tmp_path: Path, run_dir: Path) -> None:
+    """An adapter trained on ``model.tiny=pretrained`` (the demo) must not be scored on the random tiny model."""
+    import yaml
+
+    moved = tmp_path / "demo-run"
+    shutil.copytree(run_dir, moved)
+    raw = yaml.safe_load((moved / "config.yaml").read_text())
+    raw["model"].update({"path": None, "tiny": "pretrained"})
+    (moved / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = Run.open(moved).configure(load_config())
+    assert (cfg.model.path, cfg.model.tiny) == (None, "pretrained")
+    with pytest.raises(UserError, match="model.tiny"):  # a base folder and a tiny choice contradict each other
+        load_config(None, ["model.path=/some/model", "model.tiny=pretrained"])

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(bf16 shards + index, published config/tokenizer/processor files, remote-code .py files that "
                    "fail if anything imports them)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", choices=("random", "pretrained"), default="random",
+                   help="random: tests' model; pretrained: the demo's base, whose decoder was pretrained to copy a "
+                   "quote and spell it as phones (seed 0 only; scripts/pretrain_tiny_base.py made it)")
     p.set_defaults(handler=cmd_tiny)
 
     p = sub.add_parser(
@@ -62,8 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_tiny(args: argparse.Namespace) -> int:
     from phi4mm_lora.model.tiny import build_tiny
 
-    out = build_tiny(args.out_dir, layout=args.layout, seed=args.seed)
-    console.print(f"wrote tiny Phi-4-multimodal ({args.layout} layout, seed {args.seed}) to {out}")
+    if args.base == "pretrained" and args.seed != 0:
+        raise UserError("--base pretrained exists for --seed 0 only (the shipped weights were trained from that model)")
+    out = build_tiny(args.out_dir, layout=args.layout, seed=args.seed, base=args.base)
+    console.print(f"wrote tiny Phi-4-multimodal ({args.layout} layout, seed {args.seed}, {args.base} base) to {out}")
     return 0
 
 

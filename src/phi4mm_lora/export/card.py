@@ -115,7 +115,8 @@ def build_card(run: Run, cfg: RunConfig, fmt_name: str, details: dict[str, Any])
     from phi4mm_lora.model.load import resolve_path
 
     base_name = cfg.model.path or str(resolve_path(cfg.model))
-    base = f"`{base_name}`" + ("" if cfg.model.path else " (the tiny random test model of phi4mm-lora)")
+    tiny = "the tiny pretrained demo base" if cfg.model.tiny == "pretrained" else "the tiny random test model"
+    base = f"`{base_name}`" + ("" if cfg.model.path else f" ({tiny} of phi4mm-lora)")
     revision = cfg.model.revision
     trained = run.config or cfg  # what the run trained with (cfg: how it was loaded for export)
     data_name = trained.data.path or "the bundled generated corpus (Speechocean762 layout)"

@@ -59,7 +59,7 @@ def resolve_path(model_cfg: ModelConfig) -> Path:
     if model_cfg.path is None:
         from phi4mm_lora.model.tiny import ensure_tiny
 
-        return ensure_tiny("native")
+        return ensure_tiny("native", base=model_cfg.tiny)
     p = Path(model_cfg.path).expanduser()
     if p.exists():
         if not p.is_dir():

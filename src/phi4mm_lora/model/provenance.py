@@ -8,6 +8,7 @@ the tiny model is named as such.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,18 @@ def project_version() -> str:
         return "unknown"
 
 
+def _tiny_label(folder: Any) -> str:
+    """`` (tiny random test model)`` / `` (tiny pretrained demo base)`` for a tiny model folder, else ``""``."""
+    marker = Path(folder) / "phi4mm_lora_tiny.json" if folder is not None else None
+    if marker is None or not marker.is_file():
+        return ""
+    try:
+        base = json.loads(marker.read_text()).get("base", "random")
+    except (OSError, ValueError, AttributeError):
+        base = "random"
+    return " (tiny pretrained demo base)" if base == "pretrained" else " (tiny random test model)"
+
+
 def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
     """``{"model", "model_id", "model_revision", "layout", "adapter", "adapter_mode", "precision", "device",
     "phi4mm_lora_version", "adapter_merged", "merge_note"}`` for a :class:`~phi4mm_lora.model.load.Loaded` model.
@@ -33,12 +46,12 @@ def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:
     """
     folder = getattr(loaded, "path", None)
     path = str(folder) if folder is not None else ""
-    tiny = folder is not None and (Path(folder) / "phi4mm_lora_tiny.json").is_file()
+    tiny = _tiny_label(folder)
     adapters = getattr(loaded, "adapters", None)
     plan = getattr(loaded, "plan", None)
     merge = getattr(loaded, "merge", None)
     return {
-        "model": path + (" (tiny random test model)" if tiny else ""),
+        "model": path + tiny,
         "model_id": getattr(getattr(cfg, "model", None), "path", None),  # as given: a hub id, a folder, None = tiny
         "model_revision": getattr(getattr(cfg, "model", None), "revision", None),
         "layout": getattr(loaded, "layout", None),

@@ -142,7 +142,7 @@ class Run:
         """
         if self.root is not None and isinstance(self.raw_config.get("model"), dict):
             section = self.raw_config["model"]
-            m = ModelConfig.model_validate({k: section.get(k) for k in ("path", "revision") if k in section})
+            m = ModelConfig.model_validate({k: section.get(k) for k in ("path", "tiny", "revision") if k in section})
             return m, f"model.path in {self.root / 'config.yaml'}"
         base = self.peft_config.get("base_model_name_or_path")
         if base:
@@ -173,6 +173,8 @@ class Run:
         if cfg.model.path is None and base is not None and base.path is not None:
             update["model"] = cfg.model.model_copy(update={"path": base.path, "revision": base.revision})
             _check_base_exists(base.path, source, self.name)
+        elif cfg.model.path is None and base is not None and base.tiny != cfg.model.tiny:
+            update["model"] = cfg.model.model_copy(update={"tiny": base.tiny})  # the tiny base it trained on
         prompts = self.raw_config.get("prompts")
         if isinstance(prompts, dict) and cfg.prompts.apa is None and cfg.prompts.mdd is None:
             try:

@@ -107,8 +107,16 @@ def _adapter_state(model: torch.nn.Module, spec: dict, gen: torch.Generator) -> 
     return out
 
 
-def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "native", seed: int = 0) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder)."""
+def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "native", seed: int = 0,
+               base: Literal["random", "pretrained"] = "random") -> Path:
+    """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder).
+
+    ``base="pretrained"``: the same seeded model with the shipped pretrained decoder weights
+    applied (:mod:`phi4mm_lora.model.tiny_base`: it can copy a quote and spell it as phones);
+    they were made from the seed-0 model, so only seed 0 takes them.
+    """
+    if base == "pretrained" and seed != 0:
+        raise ValueError("the pretrained tiny base exists for seed 0 only (it was trained from that model)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         from phi4mm_lora.errors import UserError
@@ -127,6 +135,10 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
             for name, p in model.named_parameters():
                 if "feature_extensor" in name or name.endswith("global_invstd") or name.endswith("global_mean"):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        if base == "pretrained":
+            from phi4mm_lora.model.tiny_base import apply_base
+
+            apply_base(model)
         adapters = {name: _adapter_state(model, spec, gen) for name, spec in TINY_ADAPTERS.items()}
         processor = tiny_processor(seed)
         if layout == "native":
@@ -137,7 +149,7 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
         else:  # the published conventions: bf16 shards + index, side files, tripwire .py files
             convert.write_official(tmp, model, adapters, TINY_ADAPTERS, processor=processor,
                                    dtype=torch.bfloat16, tripwires=True)
-        (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout}, indent=1))
+        (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout, "base": base}, indent=1))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -153,19 +165,21 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """Return the cached tiny model, building it once.
+def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None,
+                base: Literal["random", "pretrained"] = "random") -> Path:
+    """Return the cached tiny model, building it once (``base``: see :func:`build_tiny`).
 
     Several processes (torchrun/accelerate workers, parallel test runs) may ask at the same
     moment on a fresh machine; an exclusive lock on a file next to the model makes one of
     them build while the others wait and then reuse it.
     """
     root = cache_dir or default_cache_dir()
-    target = root / f"tiny-{layout}-seed{seed}"
+    name = f"tiny-{layout}-seed{seed}" + ("-pretrained" if base == "pretrained" else "")
+    target = root / name
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".tiny-{layout}-seed{seed}.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         try:
             import fcntl
 
@@ -175,7 +189,7 @@ def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0,
         if not (target / "config.json").is_file():
             if target.exists():  # left by a build that was killed before its atomic rename (older versions)
                 shutil.rmtree(target)
-            build_tiny(target, layout=layout, seed=seed)
+            build_tiny(target, layout=layout, seed=seed, base=base)
     return target
 
 
