@@ -1,15 +1,18 @@
 """The demo recipe: evaluate the untrained tiny model, train it, evaluate it again.
 
-It exists to show that training does something, honestly labelled. The tiny model (random
-weights, toy width) is scored on two groups of utterances, before and after training:
+It exists to show that training does something, honestly labelled. The tiny model (toy width;
+the demo config uses ``model.tiny=pretrained``, whose decoder was pretrained to copy a quote
+and spell it as phones but never to write JSON) is scored on two groups of utterances, before
+and after training:
 
-* **trained-on utterances** (training speakers): the first ``n`` utterances of the train
-  split, exactly the ones the demo trains on. What improves here is memorisation of these
-  recordings' answers (scores and transcripts) - proof that the recipe's labels, masking and
+* **trained-on utterances** (training speakers): the first utterances of the train split,
+  ones the demo trains on. What improves here is the answer format plus memorisation of these
+  recordings' labels (scores and transcripts) - proof that the recipe's labels, masking and
   audio path teach the model, not a measure of pronunciation assessment.
 * **held-out speakers** (the test split, speakers never seen): the answers' *format* carries
-  over (they parse), their content cannot - a random toy model trained for a minute does not
-  hear pronunciation. Scores here stay near chance; that is the expected result.
+  over (they parse), and so does copying the prompt's sentence into the word transcript and
+  spelling it as phones (skills of the base); hearing does not - a toy model trained for
+  minutes does not hear pronunciation, so the scores and mispronunciations stay near chance.
 
 Outputs (run folder): ``eval-before``/``eval-after`` (held-out speakers) and
 ``eval-train-before``/``eval-train-after`` (trained-on utterances), each a full evaluation
@@ -101,8 +104,8 @@ def render_learning_table(rows: list[dict[str, Any]]) -> Any:
             colour = "green" if better else ("red" if d is not None and abs(d) > 1e-9 else "white")
             cells += [_fmt(cell["before"]), f"[{colour}]{_fmt(cell['after'])}[/{colour}]"]
         table.add_row(*cells)
-    table.caption = ("trained-on: the utterances the demo trained on (memorisation); held-out: speakers never "
-                     "seen (format carries over, content cannot). Unparseable answers count as total failures.")
+    table.caption = ("trained-on: utterances the demo trained on (format + memorisation); held-out: speakers never "
+                     "seen (format and copying carry over, hearing cannot). Unparseable answers count as total failures.")
     return table
 
 
@@ -143,14 +146,17 @@ def run_demo(cfg: RunConfig, out: Path, n_held_out: int, progress: bool = True,
     (out / "demo.json").write_text(json.dumps(json_safe({
         "rows": rows, "limits": limits, "seconds": round(seconds, 1), "train": result.summary,
     }), indent=2, default=str) + "\n")
+    base = "pretrained-decoder" if cfg.model.path is None and cfg.model.tiny == "pretrained" else "random"
+    model = f"Tiny {base} model" if cfg.model.path is None else f"Model {cfg.model.path}"
     md = ["# Demo: what training changed", "",
-          f"Tiny random model, bundled generated corpus; {result.summary.get('steps')} training steps; "
+          f"{model}, bundled generated corpus; {result.summary.get('steps')} training steps; "
           f"{seconds:.0f} s in all.", "",
           *learning_table_md(rows), "",
           "- **trained-on utterances**: the first utterances of the train split, the ones the demo trained on. "
           "Improvement here shows that the recipe teaches the model its labels (memorisation).",
-          "- **held-out speakers**: the test split. Parse rate shows the answer format was learned; the scores "
-          "stay near chance, because a toy model with random weights trained for a minute cannot hear "
+          "- **held-out speakers**: the test split. Parse rate shows the answer format was learned; WER/PER show "
+          "the sentence copied from the prompt and spelt as phones (skills of the pretrained tiny base); the scores "
+          "and mispronunciations stay near chance, because a toy model trained for minutes cannot hear "
           "pronunciation. The real model is needed for that (see README).",
           "- Headline figures count an unparseable answer as a total failure (docs/metrics.md).", ""]
     for _, _, label, suffix in GROUPS:

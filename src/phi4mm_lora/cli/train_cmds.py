@@ -14,46 +14,50 @@ from pathlib import Path
 
 #: Embedded copy of configs/demo.yaml, so ``phi4mm-lora demo`` works from an installed
 #: package with no repository checkout (a test keeps both identical).
-DEMO_YAML = r"""# Demo: train the tiny test model on the bundled generated corpus (APA + MDD) on CPU.
+DEMO_YAML = r"""# Demo: fine-tune the tiny model on the bundled generated corpus (APA + MDD) on CPU.
 #   phi4mm-lora demo                      (this file, embedded in the package)
 #   phi4mm-lora train configs/demo.yaml   (the same run, by hand)
-# It shows learning, not skill: a random toy model learns a few recordings' answers by heart
-# (trained-on utterances) and the answer format (held-out speakers); see README.
+# It shows learning, not skill. The base is the tiny model whose decoder was pretrained on
+# generated text and speech to copy a quote and spell it as phones (never JSON; see README and
+# model/tiny_base.py). Fine-tuning teaches it the answer format and the trained-on recordings'
+# labels; it cannot teach it to hear pronunciation.
 output_dir: runs/demo
 seed: 0
 precision: fp32
 model:
-  path: null            # empty: the tiny random Phi-4-multimodal (real architecture, toy width)
+  path: null            # empty: the tiny Phi-4-multimodal (real architecture, toy width)
+  tiny: pretrained      # its decoder pretrained to copy and spell (random: the tests' model)
   device: cpu
 adapter:
-  mode: fresh           # a new LoRA (the tiny model's "pretrained" one is random anyway)
+  mode: fresh           # a new LoRA (the tiny model's "pretrained" speech LoRA is random)
   r: 32
-  alpha: 256
+  alpha: 64
   dropout: 0.0
-  # decoder linears + lm_head: the tiny model's output head is tied to frozen random
-  # embeddings too small to make confident logits; the real model does not need lm_head here
+  # decoder linears + lm_head: the JSON tokens' output embeddings are the random tiny model's
+  # (pretraining never wrote JSON), so the output head must learn them; the real model does not need this
   target_modules: (model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj)))|lm_head
   trainable: unfreeze   # LoRA + audio encoder + audio projector (the paper's Unfreeze strategy)
 prompts:
-  apa: short            # two-line instructions: the toy model's two random layers do not learn
-  mdd: short            # to read the 600-token rubric in minutes (the real model gets the default)
+  apa: short            # two-line instructions: the toy model does not learn to read the
+  mdd: short            # 600-token rubric in minutes (the real model gets the default)
 data:
   path: null            # empty: the bundled generated corpus (Speechocean762 layout)
   task: both
-  limit: 4              # utterances (x2 tasks = 8 examples), seen 160 times each
+  limit: 32             # utterances (x2 tasks = 64 examples), seen 20 times each
 train:
-  epochs: 160
+  epochs: 20
   batch_size: 4
   grad_accum: 1
-  lr: 0.002
-  scheduler: constant
+  lr: 0.003
+  scheduler: cosine
+  warmup_ratio: 0.05
   max_grad_norm: null
   micro_batch: 4         # explicit, so CPU and GPU runs take the same path
   gradient_checkpointing: none
   group_by_length: true
   log_every_steps: 40
   save_every_steps: null
-  save_every_epoch: false   # 160 two-step epochs: checkpointing each would cost more than training
+  save_every_epoch: false   # 20 sixteen-step epochs: checkpointing each would cost more than it saves
 eval:
   during_training: false
   max_new_tokens: 96    # the longest answer of the bundled corpus is 75 tokens
