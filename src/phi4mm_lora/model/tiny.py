@@ -111,9 +111,10 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
                base: Literal["random", "pretrained"] = "random") -> Path:
     """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder).
 
-    ``base="pretrained"``: the same seeded model with the shipped pretrained decoder weights
-    applied (:mod:`phi4mm_lora.model.tiny_base`: it can copy a quote and spell it as phones);
-    they were made from the seed-0 model, so only seed 0 takes them.
+    ``base="pretrained"``: the same seeded model with the shipped pretrained weights applied
+    (decoder layers, final norm, the used tokens' embeddings; :mod:`phi4mm_lora.model.tiny_base`):
+    it can copy a quote and spell it as phones. They were made from the seed-0 model, so only
+    seed 0 takes them.
     """
     if base == "pretrained" and seed != 0:
         raise ValueError("the pretrained tiny base exists for seed 0 only (it was trained from that model)")
