@@ -202,5 +202,3 @@ def test_a_run_on_the_pretrained_tiny_base_is_evaluated_on_that_base(tmp_path: P
     (moved / "config.yaml").write_text(yaml.safe_dump(raw))
     cfg = Run.open(moved).configure(load_config())
     assert (cfg.model.path, cfg.model.tiny) == (None, "pretrained")
-    with pytest.raises(UserError, match="model.tiny"):  # a base folder and a tiny choice contradict each other
-        load_config(None, ["model.path=/some/model", "model.tiny=pretrained"])

@@ -51,7 +51,8 @@ class ModelConfig(_Section):
         "random",
         description="With an empty path, which tiny model: random (tests) or pretrained (the demo's base: "
         "its decoder was pretrained on generated text and speech to copy a quote and spell it as phones, "
-        "never on JSON answers; model/tiny_base.py).",
+        "never on JSON answers; model/tiny_base.py). Ignored when path is set, so a demo config can be "
+        "pointed at a real checkpoint with model.path= alone.",
     )
     revision: str | None = Field(
         None, description="Hub revision; empty picks the one holding the native layout (refs/pr/70)."
@@ -60,13 +61,6 @@ class ModelConfig(_Section):
     """auto: CUDA, then MPS, then CPU; a named device that is missing is an error."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel; flash_attention_2 needs the flash-attn package and a GPU."""
-
-    @field_validator("tiny")
-    @classmethod
-    def _tiny_needs_empty_path(cls, v: str, info: Any) -> str:
-        if v != "random" and info.data.get("path") is not None:
-            raise ValueError("applies only when model.path is empty (the tiny model); unset one of the two")
-        return v
 
 
 class AdapterConfig(_Section):
