@@ -116,12 +116,12 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
     it can copy a quote and spell it as phones. They were made from the seed-0 model, so only
     seed 0 takes them.
     """
+    from phi4mm_lora.errors import UserError
+
     if base == "pretrained" and seed != 0:
-        raise ValueError("the pretrained tiny base exists for seed 0 only (it was trained from that model)")
+        raise UserError("the pretrained tiny base exists for seed 0 only (its weights were trained from that model)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        from phi4mm_lora.errors import UserError
-
         raise UserError(f"{out} exists and is not empty; choose a new folder or delete it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
