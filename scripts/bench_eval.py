@@ -54,6 +54,9 @@ def main() -> None:
                     help="examples to extrapolate to (default: Speechocean762 test, 2,500 utterances x 2 tasks)")
     ap.add_argument("--compare", action="store_true",
                     help="baseline (unmerged, --batch-size) against batch 1 and the merged adapter, as ratios")
+    ap.add_argument("--batch1-limit", type=int, default=None,
+                    help="with --compare: the batch-1 runs take only the first N examples of each task (batch 1 "
+                    "is slow; its per-step figures need few examples)")
     ap.add_argument("--cache-variants", action="store_true",
                     help="baseline (dynamic cache) against eval.cache=static and static + eval.compile, as ratios")
     ap.add_argument("--profile", action="store_true",
@@ -97,8 +100,8 @@ def main() -> None:
 
     answers: dict[str, list] = {}
 
-    def measure(label: str, batch_size: int, **options) -> dict:
-        fig = run(loaded, examples, batch_size, cfg.eval.max_new_tokens, args.full_examples, **options)
+    def measure(label: str, batch_size: int, exs: list | None = None, **options) -> dict:
+        fig = run(loaded, exs or examples, batch_size, cfg.eval.max_new_tokens, args.full_examples, **options)
         answers[label] = fig.pop("answers")
         merged = loaded.merge is not None and loaded.merge.merged
         ops = ops_per_step(loaded, examples[0]) if args.compare else {}
@@ -122,12 +125,13 @@ def main() -> None:
         return
     runs = [measure("baseline" if args.compare else "run", args.batch_size)]
     if args.compare:
-        runs.append(measure("batch 1", 1))
+        few = first_per_task(examples, args.batch1_limit)
+        runs.append(measure("batch 1", 1, few))
         before, base = last_logits(loaded, examples[:4]), last_logits(loaded, examples[:4], adapter=False)
         loaded = merge_for_inference(loaded, True)
         if loaded.merge.merged:
             runs.append(measure("merged", args.batch_size))
-            runs.append(measure("merged, batch 1", 1))
+            runs.append(measure("merged, batch 1", 1, few))
             diff = (last_logits(loaded, examples[:4]) - before).abs().max().item()
             effect = (before - base).abs().max().item()
             print(f"merged vs unmerged, last-position logits of 4 prompts ({loaded.plan.name}): max |diff| {diff:.3g}; "
@@ -155,11 +159,27 @@ def main() -> None:
         profile_batch(loaded, plan_batches(examples, args.batch_size)[0], cfg.eval.max_new_tokens)
 
 
+def first_per_task(examples: list, n: int | None) -> list:
+    """The first ``n`` examples of each task, in their order (all of them when ``n`` is None)."""
+    if n is None:
+        return examples
+    seen: dict[str, int] = {}
+    kept = []
+    for e in examples:
+        seen[e.task] = seen.get(e.task, 0) + 1
+        if seen[e.task] <= n:
+            kept.append(e)
+    return kept
+
+
 def machine_figures(loaded) -> dict:
     """Where the figures were measured: device, plan, CPU, threads and the load at the time."""
     import torch
+    import transformers
 
     return {"device": str(loaded.plan.device), "precision": loaded.plan.name,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2)}
 

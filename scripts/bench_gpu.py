@@ -101,7 +101,9 @@ def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, 
     proc = subprocess.run([sys.executable, "-c", CHILD, str(CONFIG), json.dumps(overrides)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        tail = proc.stderr.strip().splitlines() or ["?"]
+        print("\n".join(f"    {ln}" for ln in tail[-12:]), file=sys.stderr, flush=True)  # the traceback's end
+        return {"error": tail[-1][:200]}
     child = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH "))[6:])
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return {**child, "rows": rows}
@@ -155,6 +157,15 @@ HEADER = ("| plan | grad ckpt | batch | steady s/step | examples/s | tokens/s | 
           "| micro-batch x passes | plan's estimate GB |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def parse_rows(text: str) -> list[tuple[str, int, str]]:
+    """``bf16:8:full,selective:1:full`` -> [("bf16", 8, "full"), ("selective", 1, "full")]."""
+    rows = []
+    for item in text.split(","):
+        plan, batch, gc = item.split(":")
+        rows.append((plan, int(batch), GC_ALIASES.get(gc, gc)))
+    return rows
+
+
 def grad_ckpt_cell(r: dict) -> str:
     """The mode that ran; ``auto -> full`` when the memory plan chose it."""
     chosen = (r.get("memory_plan") or {}).get("gradient_checkpointing")
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="native checkpoint folder; default: write a random full-size one (GPU)")
     p.add_argument("--plans", type=lambda s: s.split(","), help="precision plans, e.g. bf16,nf4 (with --batches, --gc: "
                    "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
+    p.add_argument("--rows", type=parse_rows, help="explicit rows in this order, PLAN:BATCH:GC comma-separated, "
+                   "e.g. bf16:8:full,bf16:8:none (instead of --plans/--batches/--gc)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
     p.add_argument("--gc", type=lambda s: [GC_ALIASES.get(x, x) for x in s.split(",")], default=["full"],
                    help="gradient checkpointing settings to try: none, selective, full, auto (on/off = full/none), "
@@ -207,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    args.rows = ([(p_, b, g) for p_ in args.plans for b in args.batches for g in args.gc] if args.plans
-                 else list(DEFAULT_ROWS))
+    if not args.rows:
+        args.rows = ([(p_, b, g) for p_ in args.plans for b in args.batches for g in args.gc] if args.plans
+                     else list(DEFAULT_ROWS))
     if args.dry_run:
         args.rows = [("fp32", 2, "auto"), ("fp32", 1, "none")]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)

@@ -81,18 +81,28 @@ def _caller() -> str:
     return "<autograd>"
 
 
+def _sync() -> None:
+    """Wait for the GPU's queue (no-op on CPU): a part's wall time then holds its kernels too."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Timers:
-    """Wall time per part within the current step (wrapped callables add to it)."""
+    """Wall time per part within the current step (wrapped callables add to it). On a GPU each
+    part starts and ends with a device sync, so the parts hold their kernels' time; the syncs
+    themselves add a few microseconds each to the step."""
 
     def __init__(self) -> None:
         self.now: Counter[str] = Counter()
 
     def wrap(self, part: str, fn):
         def timed(*a, **kw):
+            _sync()
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
+                _sync()
                 self.now[part] += time.perf_counter() - t
         return timed
 
@@ -115,10 +125,13 @@ def timed_step(recipe, exs: list, timers: Timers) -> dict:
     from phi4mm_lora.train.finetune import _to_device
 
     timers.now.clear()
+    _sync()
     t0 = time.perf_counter()
     batch = _to_device(recipe.collator(exs), recipe.accelerator.device)
+    _sync()
     t1 = time.perf_counter()
     out = recipe.train_step([batch], epoch=0)
+    _sync()
     t2 = time.perf_counter()
     parts = {"collate": t1 - t0, **{k: timers.now[k] for k in ("forward", "backward", "optimizer")}}
     parts["other"] = (t2 - t1) - sum(timers.now.values())
@@ -153,14 +166,18 @@ def count_syncs(recipe, exs: list) -> SyncCounter:
 
 
 def profile_step(recipe, exs: list, rows: int = 15) -> str:
-    """torch.profiler's table of one step (batch ``exs``), by self CPU time."""
+    """torch.profiler's table of one step (batch ``exs``), by self CPU time (self CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     from phi4mm_lora.train.finetune import _to_device
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = recipe.accelerator.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         recipe.train_step([_to_device(recipe.collator(exs), recipe.accelerator.device)], epoch=0)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        _sync()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table(report))
     if prof:
-        print("\ntorch.profiler, one batch-8 step, top operators by self CPU time:\n" + prof)
+        print("\ntorch.profiler, one batch-8 step, top operators by self "
+              f"{'CUDA' if 'cuda' in str(recipe.accelerator.device) else 'CPU'} time:\n" + prof)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
@@ -225,7 +243,8 @@ def _machine() -> str:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def table(r: dict) -> str:
