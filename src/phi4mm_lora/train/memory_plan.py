@@ -77,6 +77,9 @@ def _values_per_layer_token(peak: float) -> float:
 #: the full-size model, rough for much smaller ones. Checked against the other rows measured
 #: there, not used to fit: nf4 with full checkpointing at batch 8, 14.1 GB (estimate 14.1); the
 #: selective precision plan, 8.4 GB at batch 1 (estimate 8.2) and 8.9 GB at batch 8 (9.3).
+#: Re-measured on an H200 with transformers 5.17 (docs/benchmarks.md, "GPU measurements,
+#: 2026-11-27"): all five peaks again to 0.1 GB, and bf16 without checkpointing at batch 1,
+#: 19.7 GB (estimate 20.6).
 VALUES_PER_LAYER_TOKEN: dict[str, float] = {
     "none": _values_per_layer_token(CALIBRATION["peak_none"]),
     "full": _values_per_layer_token(CALIBRATION["peak_full"]),

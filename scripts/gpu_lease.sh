@@ -1,0 +1,58 @@
+#!/bin/bash
+# Every GPU measurement of issues 10 and 11, for one short GPU lease (docs/benchmarks.md, "GPU lease").
+#
+#   bash scripts/gpu_lease.sh STEP...      steps, in the order given:
+#     ckpt     write the random full-size checkpoint to /tmp/full (skipped when it is there; ~30 s)
+#     train    bench_gpu.py: the earlier table's rows + bf16 batch 1 + auto (~45 s a row, 7 rows)
+#     eval     bench_eval.py: test split, 50 utterances x 2 tasks, batch 32, merged, + profile (~100 s)
+#     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile (~35 s)
+#     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
+#     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
+#
+# A 15-minute lease fits two calls: `ckpt train parts` then `ckpt eval compare cache`.
+# Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
+# Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
+# a call that runs out of time still returns what finished. Each step has its own time limit.
+set -u
+T0=$(date +%s)
+OUT=${OUT:-/tmp/out}
+RES=/tmp/res
+CK=/tmp/full
+mkdir -p "$OUT" "$RES"
+log() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
+pack() { (cd /tmp && find res -type f \( -name '*.log' -o -name '*.json' -o -name '*.md' -o -name '*.txt' \) \
+  -size -2M | tar czf "$OUT/res.tgz" -T -); }
+if [ ! -f /tmp/site/.ok ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.ok || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error \
+  PHI4MM_LORA_CACHE=/tmp/cache TOKENIZERS_PARALLELISM=false
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import sys, torch, transformers, peft, accelerate, bitsandbytes as b; print(sys.version.split()[0],
+    'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
+    'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)"
+} > "$RES/env.txt" 2>&1
+cat "$RES/env.txt"
+run() {  # run NAME LIMIT CMD...: output to $RES/NAME.log, its end on stdout, then pack
+  local name=$1 limit=$2; shift 2
+  log "start $name (limit ${limit} s)"
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  log "end $name: exit $?"; grep -v "Loading weights\|Writing model" "$RES/$name.log" | tail -n 45; pack
+}
+EVAL="python3 scripts/bench_eval.py --model $CK --precision bf16 --splits test --batch-size 32"
+for step in "$@"; do case $step in
+  ckpt) [ -f $CK/config.json ] || run ckpt 120 python3 -c "
+import sys, time; sys.path.insert(0, 'scripts'); from pathlib import Path; from bench_precision import write_full_size
+t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size checkpoint in {time.time() - t:.1f} s')" ;;
+  train) run train 360 python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/bench-gpu \
+      --rows bf16:8:full,bf16:8:none,selective:1:full,selective:8:full,nf4:8:full,bf16:1:none,bf16:8:auto ;;
+  eval) run eval 150 $EVAL --limit 50 --profile --json $RES/eval.json ;;
+  parts) run parts 120 python3 scripts/bench_train_cpu.py --steps 4 --warmup 1 --threads 0 --profile \
+      --json $RES/parts.json model.path=$CK model.device=cuda precision=bf16 adapter.mode=pretrained \
+      adapter.base=speech adapter.trainable=lora ;;
+  compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;
+  cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
+  *) echo "unknown step: $step"; exit 2 ;;
+esac; done
+log "done"; pack
