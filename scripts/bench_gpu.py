@@ -89,7 +89,8 @@ def steady_state(rows: list[dict], batch: int, warmup: int) -> dict:
             "first_step_s": elapsed[0]}
 
 
-def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, device: str, out: Path) -> dict:
+def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, device: str, out: Path,
+            extra: list[str] = ()) -> dict:
     from phi4mm_lora.data.examples import bundled_corpus_path
 
     run_dir = out / f"{plan}-b{batch}-gc-{gc}"
@@ -99,6 +100,7 @@ def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, 
                  f"data.path={bundled_corpus_path()}", f"output_dir={run_dir}", f"model.device={device}",
                  "train.num_workers=2"]
     overrides.append(f"model.path={model_path}" if model_path else "model.path=null")
+    overrides += list(extra)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(CONFIG), json.dumps(overrides)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -121,7 +123,7 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops()
     results = []
     for plan, batch, gc in args.rows:
-        r = run_row(model_path, plan, batch, gc, args.steps, device, out)
+        r = run_row(model_path, plan, batch, gc, args.steps, device, out, args.extra)
         row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
         if "error" in r:
             row["error"] = r["error"]
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                    "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
     p.add_argument("--rows", type=parse_rows, help="explicit rows in this order, PLAN:BATCH:GC comma-separated, "
                    "e.g. bf16:8:full,bf16:8:none (instead of --plans/--batches/--gc)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra config override for every row, e.g. --set train.compile=true (repeatable)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
     p.add_argument("--gc", type=lambda s: [GC_ALIASES.get(x, x) for x in s.split(",")], default=["full"],
                    help="gradient checkpointing settings to try: none, selective, full, auto (on/off = full/none), "
@@ -253,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = measure(args, model_path, device, args.out)
     report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
+              "overrides": args.extra,
               "steps": args.steps, "warmup": args.warmup, "checkpoint_write_s": write_s,
               "total_s": time.perf_counter() - t0, "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
-    md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.\n\n{HEADER}\n"
+    extra = f" Overrides: {' '.join(args.extra)}." if args.extra else ""
+    md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.{extra}\n\n{HEADER}\n"
     md += "\n".join(table_line(r) for r in rows) + "\n"
     (args.out / "bench.md").write_text(md)
     print(f"total {report['total_s']:.0f} s; wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")

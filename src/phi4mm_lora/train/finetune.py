@@ -309,6 +309,7 @@ class FinetuneRecipe:
         self._setup_model()
         self._setup_data()
         self._setup_memory_plan()
+        self._setup_compile()
         self._setup_optimizer()
         if self.resume_from is not None:
             self._resume()
@@ -406,6 +407,21 @@ class FinetuneRecipe:
             grad_accum=tc.grad_accum, longest_tokens=self._longest_tokens(),
             available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
+
+    def _setup_compile(self) -> None:
+        """``train.compile``: each decoder layer through ``torch.compile``, after checkpointing is set
+        (transformers' checkpoint then wraps the compiled layer) and before accelerate wraps the model.
+
+        Per layer, not the whole model, as torchtune does: the layers are alike, so one graph serves
+        all 32, and the data-dependent audio embedding outside them would break a whole-model graph.
+        On a GPU the win is fusion and fewer launches (the step is launch- and elementwise-bound:
+        docs/benchmarks.md, "GPU measurements"); on a CPU only the compile time shows."""
+        if not self.tc.compile:
+            return
+        layers = memory_plan.decoder_layers(self.model)
+        for layer in layers.values():
+            layer.compile(dynamic=True)
+        self.say(f"compile: torch.compile on {len(layers)} decoder layers (the first steps compile)")
 
     def _longest_tokens(self, candidates: int = 16) -> int:
         """Tokens of the longest training example: the rough estimate picks the candidates, the
