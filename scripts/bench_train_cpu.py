@@ -3,6 +3,7 @@
     python scripts/bench_train_cpu.py                        # tiny model, fp32, batch 1 vs batch 8
     python scripts/bench_train_cpu.py --steps 8 train.gradient_checkpointing=true
     python scripts/bench_train_cpu.py --json out.json model.path=DIR   # another native checkpoint
+    python scripts/bench_train_cpu.py --count-casts precision=bf16     # LoRA input casts, before/after
 
 Issue 10 asks where the fixed per-step cost of a GPU step comes from. Without a GPU this
 measures what a CPU shows, on the same code path the ``train`` command runs:
@@ -21,6 +22,12 @@ measures what a CPU shows, on the same code path the ``train`` command runs:
 * **batch 1 vs batch 8**: the same 8 examples, as one batch of 8 and one at a time, the two
   alternating step by step (the baseline is the batch-8 step; issue 10 wants a batch-1 step to
   cost at most 1/4 of it).
+
+* **casts** (``--count-casts``, bf16/fp16 plans): the copies of one batch-8 step
+  (``aten._to_copy``, ``aten.copy_``: calls and bytes written, dtype changes by direction),
+  counted with a ``TorchDispatchMode``, with LoRA inputs left in the autocast dtype (as the
+  recipe ships, :meth:`~phi4mm_lora.train.finetune.FinetuneRecipe.lora_inputs_as_is`) and with
+  PEFT's default cast to the fp32 adapter dtype (before), plus the mean step time of each.
 
 The first ``--warmup`` steps of each batch size are left out; means of the rest are printed
 (so the parts add up to the step).
@@ -68,6 +75,36 @@ class SyncCounter(TorchDispatchMode):
             self.counts[name] += 1
             self.sites[f"{_caller()}: {name}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+class CastCounter(TorchDispatchMode):
+    """Calls and bytes written of the copy operators (``_to_copy``, ``copy_``), those that
+    change the dtype counted again by direction (``bf16->fp32``), and all operator calls."""
+
+    COPIES = ("_to_copy", "copy_")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.calls["all operators"] += 1
+        if name in self.COPIES and isinstance(out, torch.Tensor):
+            src = args[1] if name == "copy_" else args[0]
+            keys = [f"aten.{name}"]
+            if isinstance(src, torch.Tensor) and src.dtype != out.dtype:
+                keys.append(f"of which {_short(src.dtype)}->{_short(out.dtype)}")
+            for key in keys:
+                self.calls[key] += 1
+                self.bytes[key] += out.numel() * out.element_size()
+        return out
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _caller() -> str:
@@ -165,6 +202,45 @@ def count_syncs(recipe, exs: list) -> SyncCounter:
     return c
 
 
+def count_casts(recipe, exs: list, steps: int) -> dict[str, dict]:
+    """One batch-8 step's copies (:class:`CastCounter`) and ``steps`` timed steps (the two
+    settings alternating), with LoRA inputs as they come ("as-is", shipped) and with PEFT's cast."""
+    from phi4mm_lora.train.finetune import _to_device
+
+    settings, shipped = {"as-is": True, "PEFT cast": False}, recipe.uncast_lora_inputs
+    out: dict[str, dict] = {k: {"step_s": []} for k in settings}
+    try:
+        for key, uncast in settings.items():
+            recipe.uncast_lora_inputs = uncast
+            with CastCounter() as c:
+                recipe.train_step([_to_device(recipe.collator(exs), recipe.accelerator.device)], epoch=0)
+            out[key].update(calls=dict(c.calls), bytes=dict(c.bytes))
+        for _ in range(steps):
+            for key, uncast in settings.items():
+                recipe.uncast_lora_inputs = uncast
+                batch = _to_device(recipe.collator(exs), recipe.accelerator.device)
+                _sync()
+                t = time.perf_counter()
+                recipe.train_step([batch], epoch=0)
+                _sync()
+                out[key]["step_s"].append(time.perf_counter() - t)
+    finally:
+        recipe.uncast_lora_inputs = shipped
+    return out
+
+
+def cast_table(c: dict[str, dict]) -> str:
+    a, b = c["as-is"], c["PEFT cast"]
+    lines = ["| one batch-8 step | LoRA inputs as-is (shipped) | PEFT's cast (before) |", "|---|---|---|"]
+    for key in sorted(set(a["calls"]) | set(b["calls"]), key=lambda k: (k == "all operators", k.startswith("of which"), k)):
+        cell = [f"{x['calls'].get(key, 0)}" + ("" if key == "all operators" else
+                                                 f" calls, {x['bytes'].get(key, 0) / 2**20:.1f} MiB") for x in (a, b)]
+        lines.append(f"| {key} | {cell[0]} | {cell[1]} |")
+    ms = [f"{1000 * statistics.mean(x['step_s']):.0f} (median {1000 * statistics.median(x['step_s']):.0f})" for x in (a, b)]
+    lines.append(f"| step ms, mean of {len(a['step_s'])} | {ms[0]} | {ms[1]} |")
+    return "\n".join(lines)
+
+
 def profile_step(recipe, exs: list, rows: int = 15) -> str:
     """torch.profiler's table of one step (batch ``exs``), by self CPU time (self CUDA time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -189,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: steadier on a shared machine; 0 = torch's default)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a batch-8 step")
+    ap.add_argument("--count-casts", action="store_true",
+                    help="also count one batch-8 step's copies/casts and time --steps steps, LoRA inputs as-is vs "
+                         "PEFT's cast to fp32 (needs an autocasting plan: precision=bf16)")
     args = ap.parse_args(argv)
 
     import phi4mm_lora.train.finetune as finetune
@@ -200,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         recipe = build(args.overrides, Path(tmp) / "run")
         setup_s = time.perf_counter() - t
+        if args.count_casts and not recipe.accelerator.native_amp:
+            sys.exit(f"--count-casts: precision {recipe.loaded.plan.name} does not autocast, so PEFT's cast is "
+                     "never skipped; add precision=bf16")
         examples = recipe.examples[:8]
         if len(examples) < 8:
             sys.exit(f"need 8 training examples, the config gives {len(examples)}; raise data.limit")
@@ -218,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             acc.backward, acc.clip_grad_norm_, opt.step, opt.zero_grad = saved[1:]
         syncs8, syncs1 = count_syncs(recipe, examples), count_syncs(recipe, examples[:1])
         prof = profile_step(recipe, examples) if args.profile else None
+        casts = count_casts(recipe, examples, args.steps) if args.count_casts else None
 
     report = {
         "machine": _machine(), "threads": torch.get_num_threads(), "setup_s": setup_s,
@@ -233,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         print("\ntorch.profiler, one batch-8 step, top operators by self "
               f"{'CUDA' if 'cuda' in str(recipe.accelerator.device) else 'CPU'} time:\n" + prof)
+    if casts:
+        report["casts_batch8"] = casts
+        print("\ncopies of one batch-8 step (aten ops below autograd, bytes written), LoRA inputs left in the "
+              "autocast dtype vs cast to the fp32 adapter dtype:\n" + cast_table(casts))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

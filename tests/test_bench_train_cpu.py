@@ -1,4 +1,5 @@
-"""``scripts/bench_train_cpu.py``: its host-sync counter counts what a GPU would wait for.
+"""``scripts/bench_train_cpu.py``: its host-sync counter counts what a GPU would wait for; its
+cast counter counts copies, their bytes and dtype changes.
 
 The counter (a ``TorchDispatchMode``) is what the issue-10 figures of syncs per step rest on;
 here it is checked against operations whose syncing is documented by PyTorch (``.item()``,
@@ -15,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from bench_train_cpu import SyncCounter  # noqa: E402
+from bench_train_cpu import CastCounter, SyncCounter  # noqa: E402
 
 
 def host_reads() -> None:
@@ -41,3 +42,15 @@ def test_device_side_work_is_not_counted():
         loss.backward()
         torch.where(t > 0, t, 0).mean()
     assert sum(c.counts.values()) == 0, c.counts
+
+
+def test_cast_counter_counts_copies_bytes_and_dtype_changes():
+    x = torch.ones(4, 8, dtype=torch.bfloat16)
+    with CastCounter() as c:
+        y = x.float()                    # aten._to_copy bf16 -> fp32: 128 bytes written
+        y.to(torch.bfloat16)             # aten._to_copy fp32 -> bf16: 64 bytes
+        torch.empty(4, 8).copy_(y)       # aten.copy_, no dtype change: 128 bytes
+        (y * 2).sum()                    # no copy
+    assert c.calls == {"aten._to_copy": 2, "aten.copy_": 1, "of which bf16->fp32": 1, "of which fp32->bf16": 1,
+                       "all operators": 6}
+    assert c.bytes == {"aten._to_copy": 192, "aten.copy_": 128, "of which bf16->fp32": 128, "of which fp32->bf16": 64}

@@ -332,6 +332,9 @@ class FinetuneRecipe:
                                        log_with=trackers.log_with(self.tc.report_to, self.run_dir) or None)
         acc = self.accelerator
         self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
+        #: :meth:`lora_inputs_as_is` active: only where ``acc.autocast()`` really autocasts (not fp32
+        #: plans, nor DeepSpeed, which casts the model itself). Tests flip it to compare both ways.
+        self.uncast_lora_inputs = bool(acc.native_amp)
 
     def _setup_model(self) -> None:
         from accelerate.utils import set_seed
@@ -548,13 +551,14 @@ class FinetuneRecipe:
         n_local = sum(loss_mod.count_label_tokens(b["labels"]) for b in micro)
         n_total = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
         loss_sum = torch.zeros((), device=acc.device)
-        for j, b in enumerate(micro):
-            sync = nullcontext() if j == n_micro - 1 else acc.no_sync(self.model)
-            with sync, acc.autocast():
-                part, _ = loss_mod.answer_loss_sum(self.model, b)
-                # DDP, FSDP and DeepSpeed average gradients over processes; * world undoes that.
-                acc.backward(part / max(n_total, 1) * world)
-            loss_sum += part.detach().float()
+        with self.lora_inputs_as_is():  # forward and backward: checkpointing recomputes in backward
+            for j, b in enumerate(micro):
+                sync = nullcontext() if j == n_micro - 1 else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    part, _ = loss_mod.answer_loss_sum(self.model, b)
+                    # DDP, FSDP and DeepSpeed average gradients over processes; * world undoes that.
+                    acc.backward(part / max(n_total, 1) * world)
+                loss_sum += part.detach().float()
         step_loss = float(acc.reduce(loss_sum, "sum")) / max(n_total, 1)
         if not math.isfinite(step_loss):
             where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
@@ -573,6 +577,25 @@ class FinetuneRecipe:
         examples = int(acc.reduce(torch.tensor(sum(len(b["example_ids"]) for b in micro), device=acc.device), "sum"))
         tokens = int(acc.reduce(sum(b["attention_mask"].sum() for b in micro), "sum"))
         return StepOutcome(step_loss, grad_norm, n_total, examples, tokens)
+
+    def lora_inputs_as_is(self):
+        """While active, PEFT's LoRA layers take their input in the dtype it arrives in (the
+        autocast dtype) instead of casting it to the adapter's fp32: PEFT's own switch.
+
+        PEFT casts every LoRA input to the adapter weights' dtype before dropout and ``lora_A``.
+        Under bf16/fp16 autocast with fp32 adapters that is an fp32 copy of each LoRA input
+        activation (4149 x 8192 for one ``down_proj`` of a batch-8 step), dropout in fp32, and
+        autocast casting it straight back for the matmul; backward repeats the casts (on an H200
+        the step's ``aten::copy_`` took 61 ms of 372 ms busy). ``lora_A`` runs in the half dtype
+        either way and half -> fp32 -> half is exact, so without dropout the weights are
+        identical; with dropout they are not bit-identical (CPU dropout scales by ``1/(1-p)`` in
+        the input's dtype): ``tests/test_lora_input_cast.py``. Held over forward *and* backward:
+        gradient checkpointing recomputes the forward inside ``acc.backward``. A no-op where
+        nothing autocasts (fp32 plans).
+        """
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(self.model, active=self.uncast_lora_inputs)
 
     def _log_step(self, out: StepOutcome, epoch: int, s: int) -> None:
         """metrics.jsonl, trackers, progress bar and (every ``log_every_steps``) one line."""
