@@ -161,8 +161,10 @@ def _row_embeds(model: torch.nn.Module, processor: Any, examples: Sequence[Examp
 
     The audio encoder is run on one recording at a time because, batched, its output for a
     shorter recording depends on the padding added for the longest one (measured ~1e-2 on
-    the merged embeddings): scores would then depend on the batch size. The decoder runs
-    batched on the left-padded embeddings, which is where the time goes.
+    the merged embeddings): scores would then depend on the batch size. The cause is in
+    transformers: its Phi-4 audio encoder adds the boolean padding mask to the attention bias
+    (+1/+0) instead of masking, so padded frames are attended to (tests/test_audio_padding.py).
+    The decoder runs batched on the left-padded embeddings.
     """
     inner = _inner(model)
     rows_ids, rows_emb = [], []
