@@ -55,6 +55,11 @@ COMPAT_SUBSET = {
     # gradient checkpointing modes through each release's own per-layer switches
     "test_memory_plan.py": ["test_selective_recomputes_every_other_decoder_layer",
                             "test_micro_batches_and_checkpointing_do_not_change_the_weights"],
+    # PEFT's input-cast switch (issue 10) across PEFT releases, forward and checkpointed backward
+    "test_lora_input_cast.py": ["test_bf16_steps_are_identical_with_lora_inputs_kept_in_bf16",
+                                "test_gradient_checkpointing_recomputes_with_the_same_setting"],
+    # why evaluation embeds audio clip by clip; fails on a release that masks audio padding
+    "test_audio_padding.py": ["test_padded_frames_change_the_real_frames_outputs"],
 }
 
 
