@@ -9,11 +9,12 @@
 #              (each row compiles in its own process: minutes; inductor's cache helps the later rows)
 #     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile, and LoRA inputs
 #              as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
+#     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time (~30 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
 #
-# A 15-minute lease fits two calls, e.g. `ckpt train parts` then `ckpt eval compare cache`; `compile` needs
-# a third (or replaces `cache`).
+# A 15-minute lease fits two calls, e.g. `ckpt train parts` then `ckpt eval score compare cache`; `compile`
+# needs a third (or replaces `cache`).
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
@@ -57,6 +58,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   parts) run parts 150 python3 scripts/bench_train_cpu.py --steps 4 --warmup 1 --threads 0 --profile --count-casts \
       --json $RES/parts.json model.path=$CK model.device=cuda precision=bf16 adapter.mode=pretrained \
       adapter.base=speech adapter.trainable=lora ;;
+  score) run score 120 python3 -m phi4mm_lora score --model $CK --precision bf16 \
+      --text "COW WATCH WEEK SING CLOSE TODAY HOME" src/phi4mm_lora/assets/corpus/WAVE/SPEAKER0003/000300001.flac ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;
   cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
   *) echo "unknown step: $step"; exit 2 ;;
