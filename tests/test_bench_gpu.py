@@ -68,3 +68,18 @@ def test_without_a_gpu_the_full_run_refuses_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no CUDA GPU") and "Traceback" not in proc.stderr
+
+
+def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
+    """scripts/gpu_lease.sh only ever runs on a lent GPU, where a typo costs device time: every
+    step its header lists has a branch, every branch is listed, and bash parses it."""
+    import re
+
+    script = ROOT / "scripts" / "gpu_lease.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    documented = set(re.findall(r"^#     (\w+) ", text, flags=re.M))
+    dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
+    assert documented == dispatched == {"ckpt", "train", "compile", "parts", "eval", "score", "compare", "cache"}
+    # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
+    assert "-size -2M" in text and "res.tgz" in text
