@@ -39,6 +39,11 @@ def _at_least(low: int, v: int | None, what: str = "") -> int | None:
     return v
 
 
+TinyBase = Literal["random", "pretrained"]
+#: How outputs (provenance, model cards, the demo summary) name each tiny model.
+TINY_NAMES: dict[str, str] = {"random": "tiny random test model", "pretrained": "tiny pretrained demo base"}
+
+
 class ModelConfig(_Section):
     """Where the weights come from and how they are placed."""
 
@@ -47,7 +52,7 @@ class ModelConfig(_Section):
         description="Hub id or local directory (native or official layout). "
         "Empty: the tiny test model, built on first use.",
     )
-    tiny: Literal["random", "pretrained"] = Field(
+    tiny: TinyBase = Field(
         "random",
         description="With an empty path, which tiny model: random (tests) or pretrained (the demo's base: "
         "its decoder was pretrained on generated text and speech to copy a quote and spell it as phones, "

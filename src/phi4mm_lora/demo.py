@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi4mm_lora.config import RunConfig
+from phi4mm_lora.config import TINY_NAMES, RunConfig
 from phi4mm_lora.evaluate.metrics import COLUMN_NAMES, SUMMARY_KEYS, json_safe
 from phi4mm_lora.evaluate.report import LOWER_IS_BETTER, _fmt
 from phi4mm_lora.evaluate.run import evaluate
@@ -146,8 +146,7 @@ def run_demo(cfg: RunConfig, out: Path, n_held_out: int, progress: bool = True,
     (out / "demo.json").write_text(json.dumps(json_safe({
         "rows": rows, "limits": limits, "seconds": round(seconds, 1), "train": result.summary,
     }), indent=2, default=str) + "\n")
-    base = "pretrained-decoder" if cfg.model.path is None and cfg.model.tiny == "pretrained" else "random"
-    model = f"Tiny {base} model" if cfg.model.path is None else f"Model {cfg.model.path}"
+    model = f"The {TINY_NAMES[cfg.model.tiny]}" if cfg.model.path is None else f"Model {cfg.model.path}"
     md = ["# Demo: what training changed", "",
           f"{model}, bundled generated corpus; {result.summary.get('steps')} training steps; "
           f"{seconds:.0f} s in all.", "",

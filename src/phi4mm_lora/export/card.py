@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from phi4mm_lora.config import RunConfig
+from phi4mm_lora.config import TINY_NAMES, RunConfig
 from phi4mm_lora.model.provenance import project_version
 from phi4mm_lora.model.run_folder import Run
 
@@ -115,8 +115,7 @@ def build_card(run: Run, cfg: RunConfig, fmt_name: str, details: dict[str, Any])
     from phi4mm_lora.model.load import resolve_path
 
     base_name = cfg.model.path or str(resolve_path(cfg.model))
-    tiny = "the tiny pretrained demo base" if cfg.model.tiny == "pretrained" else "the tiny random test model"
-    base = f"`{base_name}`" + ("" if cfg.model.path else f" ({tiny} of phi4mm-lora)")
+    base = f"`{base_name}`" + ("" if cfg.model.path else f" (the {TINY_NAMES[cfg.model.tiny]} of phi4mm-lora)")
     revision = cfg.model.revision
     trained = run.config or cfg  # what the run trained with (cfg: how it was loaded for export)
     data_name = trained.data.path or "the bundled generated corpus (Speechocean762 layout)"

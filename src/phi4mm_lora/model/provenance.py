@@ -30,11 +30,13 @@ def _tiny_label(folder: Any) -> str:
     marker = Path(folder) / "phi4mm_lora_tiny.json" if folder is not None else None
     if marker is None or not marker.is_file():
         return ""
+    from phi4mm_lora.config import TINY_NAMES
+
     try:
         base = json.loads(marker.read_text()).get("base", "random")
     except (OSError, ValueError, AttributeError):
         base = "random"
-    return " (tiny pretrained demo base)" if base == "pretrained" else " (tiny random test model)"
+    return f" ({TINY_NAMES.get(base, TINY_NAMES['random'])})"
 
 
 def provenance(loaded: Any, cfg: Any | None = None) -> dict[str, Any]:

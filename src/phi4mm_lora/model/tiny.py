@@ -28,7 +28,7 @@ from transformers import (
     Phi4MultimodalProcessor,
 )
 
-from phi4mm_lora.config import DECODER_LORA_REGEX
+from phi4mm_lora.config import DECODER_LORA_REGEX, TinyBase
 from phi4mm_lora.model import convert
 from phi4mm_lora.model.compat import Phi4MultimodalImageProcessor, rope_kwargs
 from phi4mm_lora.model.tokenizer import EOS_IDS, VOCAB_SIZE, build_tokenizer
@@ -108,7 +108,7 @@ def _adapter_state(model: torch.nn.Module, spec: dict, gen: torch.Generator) -> 
 
 
 def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "native", seed: int = 0,
-               base: Literal["random", "pretrained"] = "random") -> Path:
+               base: TinyBase = "random") -> Path:
     """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder).
 
     ``base="pretrained"``: the same seeded model with the shipped pretrained weights applied
@@ -167,7 +167,7 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None,
-                base: Literal["random", "pretrained"] = "random") -> Path:
+                base: TinyBase = "random") -> Path:
     """Return the cached tiny model, building it once (``base``: see :func:`build_tiny`).
 
     Several processes (torchrun/accelerate workers, parallel test runs) may ask at the same
