@@ -34,11 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from test_train_common import make_manifest, read_trained, small_overrides
+from test_train_common import make_manifest, read_trained, setup_recipe, small_overrides
 
 from phi4mm_lora.config import load_config
-from phi4mm_lora.train.finetune import FinetuneRecipe
-from phi4mm_lora.train.preflight import Preflight
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +51,7 @@ def run_recipe(manifest: Path, out: Path, uncast: bool | None = None, **extra) -
     dtype ``lora_A`` received."""
     cfg = load_config(None, small_overrides(manifest, out, train__epochs=2, train__max_steps=3, train__grad_accum=2,
                                             **extra))
-    recipe = FinetuneRecipe(cfg, Preflight(run_dir=out), progress=False, log=lambda _m: None)
-    recipe.setup()
+    recipe = setup_recipe(cfg, out)
     if uncast is not None:
         recipe.uncast_lora_inputs = uncast
     lora = [m for m in recipe.model.modules() if isinstance(m, BaseTunerLayer)]

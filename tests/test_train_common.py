@@ -2,8 +2,8 @@
 
 The training tests run on a small JSONL manifest of equal-length clips cut from the bundled
 corpus, with short prompts: each step takes well under a second on CPU, and equal audio
-lengths keep the conformer's convolutions from seeing padded frames (the audio encoder lets
-padding leak into the last real frames, ~1e-4 relative - a property of the model, which would
+lengths keep the audio encoder from seeing padded frames (transformers' Phi-4 audio encoder
+attends to padding, tests/test_audio_padding.py - a property of the model, which would
 otherwise hide the exact batch-size/accumulation invariances these tests check).
 """
 
@@ -68,3 +68,14 @@ def read_trained(folder: Path) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def setup_recipe(cfg, out: Path, log=None):
+    """The training recipe for ``cfg``, set up (model, data, optimizer) and ready to step, without
+    the pre-flight checks ``train()`` runs first; ``log`` receives its printed lines."""
+    from phi4mm_lora.train.finetune import FinetuneRecipe
+    from phi4mm_lora.train.preflight import Preflight
+
+    recipe = FinetuneRecipe(cfg, Preflight(run_dir=out), progress=False, log=log or (lambda _m: None))
+    recipe.setup()
+    return recipe

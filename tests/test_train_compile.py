@@ -20,15 +20,14 @@ BASE = ["seed=5", "precision=fp32", "model.device=cpu", "data.limit=2",
 
 
 def build(tmp_path, compile_: bool, checkpointing: str, said: list[str]):
+    from test_train_common import setup_recipe
+
     from phi4mm_lora.config import load_config
-    from phi4mm_lora.train.finetune import FinetuneRecipe
-    from phi4mm_lora.train.preflight import Preflight
 
     out = tmp_path / f"run-{compile_}"
     cfg = load_config(None, [*BASE, f"train.compile={str(compile_).lower()}",
                              f"train.gradient_checkpointing={checkpointing}", f"output_dir={out}"])
-    recipe = FinetuneRecipe(cfg, Preflight(run_dir=out), progress=False, log=said.append)
-    recipe.setup()
+    recipe = setup_recipe(cfg, out, log=said.append)
     recipe.model.train()
     for name, module in recipe.model.named_modules():
         if ".lora_dropout." in name and isinstance(module, torch.nn.Dropout):
