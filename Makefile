@@ -12,7 +12,7 @@ COMPAT_SITE ?= .compat-site
 COMPAT_SPEC ?= transformers==4.57.6 peft==0.18.0 huggingface_hub==0.36.2 tokenizers==0.22.2 requests==2.34.2 charset-normalizer==3.5.3
 # Files holding the compat subset (tests/conftest.py COMPAT_SUBSET); only these are collected,
 # since other test files import libraries (datasets) that need a newer huggingface_hub.
-COMPAT_TESTS ?= test_official_layout test_train_loss test_model_load test_adapters test_verify_cli test_train_resume test_evaluate_e2e test_score test_doctor test_memory_plan test_lora_input_cast test_audio_padding
+COMPAT_TESTS ?= test_official_layout test_train_loss test_model_load test_adapters test_verify_cli test_train_resume test_evaluate_e2e test_score test_doctor test_memory_plan test_lora_input_cast test_audio_padding test_attention
 
 .PHONY: install system-deps demo test test-compat lint bench
 

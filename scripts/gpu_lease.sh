@@ -12,6 +12,7 @@
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time (~30 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
+#     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
 #
 # A 15-minute lease fits two calls, e.g. `ckpt train parts` then `ckpt eval score compare cache`; `compile`
 # needs a third (or replaces `cache`).
@@ -62,6 +63,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       --text "COW WATCH WEEK SING CLOSE TODAY HOME" src/phi4mm_lora/assets/corpus/WAVE/SPEAKER0003/000300001.flac ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;
   cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
+  attention) run attention 60 bash -c "python3 scripts/bench_attention.py --json $RES/attention-b32.json &&
+      python3 scripts/bench_attention.py --batch 8 --keys 500 --json $RES/attention-b8.json" ;;
   *) echo "unknown step: $step"; exit 2 ;;
 esac; done
 log "done"; pack

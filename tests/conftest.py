@@ -60,6 +60,8 @@ COMPAT_SUBSET = {
                                 "test_gradient_checkpointing_recomputes_with_the_same_setting"],
     # why evaluation embeds audio clip by clip; fails on a release that masks audio padding
     "test_audio_padding.py": ["test_padded_frames_change_the_real_frames_outputs"],
+    # the decoder's attention function is registered through each release's attention interfaces
+    "test_attention.py": ["test_one_token_step_equals_repeated_kv_heads", "test_tiny_model_generates_what_eager_generates"],
 }
 
 

@@ -20,7 +20,7 @@ from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
 from phi4mm_lora.config import AdapterConfig, ModelConfig
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.fileio import check_weight_files
-from phi4mm_lora.model import convert
+from phi4mm_lora.model import attention, convert
 from phi4mm_lora.model.adapter_io import read_peft_folder
 from phi4mm_lora.model.adapters import AdapterState, Pretrained, attach_adapters
 from phi4mm_lora.model.precision import (
@@ -108,6 +108,7 @@ def load_base(folder: Path, layout: str, plan: PrecisionPlan, adapter_cfg: Adapt
     """Base model in the plan's dtypes plus the checkpoint's pretrained adapters (not attached)."""
     from phi4mm_lora.model.adapters import unfrozen_prefixes
 
+    attn = attention.implementation(attn)
     if layout == "official":
         if plan.quantised:
             raise UserError(
