@@ -289,12 +289,13 @@ def last_logits(loaded, examples, adapter: bool = True):
     import torch
 
     from phi4mm_lora.data.audio import load_audio
-    from phi4mm_lora.evaluate.generate import _device_of, _row_embeds
+    from phi4mm_lora.evaluate.embed import row_embeds
+    from phi4mm_lora.evaluate.generate import _device_of
 
     audio = {e.id: load_audio(e.audio_path) for e in examples if e.audio_path}
     off = loaded.model.disable_adapter() if not adapter else contextlib.nullcontext()
     with torch.no_grad(), off:
-        _, emb, mask = _row_embeds(loaded.model, loaded.processor, examples, audio, _device_of(loaded.model))
+        _, emb, mask = row_embeds(loaded.model, loaded.processor, examples, audio, _device_of(loaded.model))
         return loaded.model(inputs_embeds=emb, attention_mask=mask, logits_to_keep=1).logits[:, -1].float().cpu()
 
 

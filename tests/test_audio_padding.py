@@ -4,7 +4,7 @@ transformers' ``Phi4MultimodalAudioModel`` adds its boolean padding mask to the 
 position bias (``hs_mask.unsqueeze(1) + relative_attention_bias``), so a padded frame gets
 +0 where a real one gets +1, not -inf: padded frames stay in every softmax. A batched encoder
 therefore gives a shorter recording other features than it gets alone, which is why
-``evaluate.generate._row_embeds`` runs the encoder per clip (issue 11 asks for batching only
+``evaluate.embed.row_embeds`` runs the encoder per clip (issue 11 asks for batching only
 with proof that metrics do not move). This test pins the behaviour on the real architecture
 (tiny random weights): if it fails, transformers masks padding now and the encoder can be
 batched exactly.

@@ -17,7 +17,8 @@ from picks import three_lengths_both_tasks
 from phi4mm_lora.cli import main
 from phi4mm_lora.config import dump_config, load_config
 from phi4mm_lora.data.examples import Example, build_examples
-from phi4mm_lora.evaluate.generate import _row_embeds, generate_all, max_tokens_for, stop_ids
+from phi4mm_lora.evaluate.embed import row_embeds
+from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, stop_ids
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
 from phi4mm_lora.evaluate.report import load_predictions
@@ -102,7 +103,7 @@ def test_left_padded_batch_equals_one_at_a_time(loaded) -> None:
     tok = loaded.processor.tokenizer
 
     def scores(exs: list[Example]) -> torch.Tensor:
-        ids, emb, mask = _row_embeds(loaded.model, loaded.processor, exs, audio, torch.device("cpu"))
+        ids, emb, mask = row_embeds(loaded.model, loaded.processor, exs, audio, torch.device("cpu"))
         with torch.no_grad():
             out = loaded.model.generate(input_ids=ids, inputs_embeds=emb, attention_mask=mask, max_new_tokens=3, do_sample=False, eos_token_id=stop_ids(tok),
                                         pad_token_id=tok.pad_token_id, output_scores=True,

@@ -24,9 +24,9 @@ from phi4mm_lora.config import load_config
 from phi4mm_lora.data.audio import load_audio
 from phi4mm_lora.data.examples import build_examples
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.evaluate.embed import row_embeds
 from phi4mm_lora.evaluate.generate import (
     STATIC_CACHE_ROUND,
-    _row_embeds,
     cache_options,
     generate_all,
     stop_ids,
@@ -60,7 +60,7 @@ def test_static_cache_gives_the_same_token_ids_batched_and_alone(setup) -> None:
     tok = loaded.processor.tokenizer
 
     def token_ids(rows, cache: str) -> list[list[int]]:
-        ids, emb, mask = _row_embeds(loaded.model, loaded.processor, rows, audio, torch.device("cpu"))
+        ids, emb, mask = row_embeds(loaded.model, loaded.processor, rows, audio, torch.device("cpu"))
         opts = cache_options(cache, False, ids.shape[1] + 12)
         with torch.no_grad():
             out = loaded.model.generate(input_ids=ids, inputs_embeds=emb, attention_mask=mask, max_new_tokens=12,

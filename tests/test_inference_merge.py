@@ -17,7 +17,8 @@ import torch
 from phi4mm_lora.config import load_config
 from phi4mm_lora.data.audio import load_audio
 from phi4mm_lora.data.examples import build_examples
-from phi4mm_lora.evaluate.generate import _row_embeds, generate_all
+from phi4mm_lora.evaluate.embed import row_embeds
+from phi4mm_lora.evaluate.generate import generate_all
 from phi4mm_lora.model.inference import load_for_inference, merge_for_inference
 from phi4mm_lora.model.load import load_model
 from phi4mm_lora.model.provenance import provenance, provenance_line
@@ -36,7 +37,7 @@ def _examples(loaded, n: int):
 def _logits(model, processor, exs) -> torch.Tensor:
     audio = {e.id: load_audio(e.audio_path) for e in exs}
     with torch.no_grad():
-        _, emb, mask = _row_embeds(model, processor, exs, audio, torch.device("cpu"))
+        _, emb, mask = row_embeds(model, processor, exs, audio, torch.device("cpu"))
         # the last 8 prompt positions (all positions would be ~1 GB over the 200,064-word vocabulary)
         return model(inputs_embeds=emb, attention_mask=mask, logits_to_keep=8).logits.float()
 

@@ -15,7 +15,9 @@ Why it is shaped like this:
   each task has its own token budget (an APA answer is ~30 tokens, an MDD answer ~80), so
   an untrained model that never stops costs only what the task can need.
 * Examples are grouped by task and sorted by audio length, which keeps padding (and the
-  quadratic attention cost of padded rows) low.
+  quadratic attention cost of padded rows) low. The tasks' batches alternate, so a
+  recording's second task comes right after its first and reuses its audio rows
+  (:mod:`~phi4mm_lora.evaluate.embed`: each recording goes through the encoder once).
 * A bad audio file, or a batch that fails inside the model, never stops the run: the
   example becomes a :class:`Generation` with ``error`` set, named by its id. A failing
   batch is retried one example at a time so only the culprit is marked.
@@ -26,6 +28,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -36,14 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from phi4mm_lora.data.audio import TARGET_SR, AudioError, load_audio
+from phi4mm_lora.data.audio import AudioError, load_audio
 from phi4mm_lora.data.examples import Example
-from phi4mm_lora.data.prompts import generation_prompt
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.evaluate.embed import EOS_ID, AudioRows, inner_model, processor_inputs, row_embeds
 
 END_TOKEN = "<|end|>"
-#: Fallback ids when the tokenizer does not know the names (Phi-4's values).
-END_ID, EOS_ID = 200020, 199999
+#: Fallback id of <|end|> when the tokenizer does not know it (Phi-4's value; eos: ``EOS_ID``).
+END_ID = 200020
 #: Per-task budgets; ``eval.max_new_tokens`` caps them (and is the budget of other tasks).
 TASK_MAX_NEW_TOKENS: dict[str, int] = {"apa": 40, "mdd": 120}
 
@@ -117,77 +120,11 @@ def cache_options(cache: str = "dynamic", compile: bool = False, length: int | N
     return opts
 
 
-def _load_image(path: str) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def _inputs(processor: Any, examples: Sequence[Example], audio: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Left-padded model inputs for a batch (audio already decoded)."""
-    tok = processor.tokenizer
-    texts = [generation_prompt(ex.prompt, tok) for ex in examples]
-    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "left"}
-    with_audio = [audio[ex.id] for ex in examples if ex.audio_path]
-    if with_audio:
-        kwargs["audio"] = with_audio
-        kwargs["sampling_rate"] = TARGET_SR
-    images = [_load_image(ex.image_path) for ex in examples if ex.image_path]
-    if images:
-        kwargs["images"] = images
-    out = dict(processor(**kwargs))
-    out.pop("num_img_tokens", None)
-    return out
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     try:
         return next(p.device for p in model.parameters() if p.device.type != "meta")
     except StopIteration:  # pragma: no cover - a model without parameters
         return torch.device("cpu")
-
-
-def _inner(model: torch.nn.Module) -> Any:
-    """The ``Phi4MultimodalModel`` under a PEFT wrapper / causal-LM head (None if absent)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    return inner if hasattr(inner, "embed_tokens_extend") else None
-
-
-def _row_embeds(model: torch.nn.Module, processor: Any, examples: Sequence[Example],
-                audio: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, inputs_embeds, attention_mask)``, each row embedded alone.
-
-    The audio encoder is run on one recording at a time because, batched, its output for a
-    shorter recording depends on the padding added for the longest one (measured ~1e-2 on
-    the merged embeddings): scores would then depend on the batch size. The cause is in
-    transformers: its Phi-4 audio encoder adds the boolean padding mask to the attention bias
-    (+1/+0) instead of masking, so padded frames are attended to (tests/test_audio_padding.py).
-    The decoder runs batched on the left-padded embeddings.
-    """
-    inner = _inner(model)
-    rows_ids, rows_emb = [], []
-    for ex in examples:
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(processor, [ex], audio).items()}
-        ids = b.pop("input_ids")
-        b.pop("attention_mask", None)
-        emb = inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **b)
-        rows_ids.append(ids[0])
-        rows_emb.append(emb[0])
-    longest = max(len(r) for r in rows_ids)
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else EOS_ID
-    pad_emb = inner.embed_tokens(torch.tensor([pad], device=device))[0]
-    ids = torch.full((len(rows_ids), longest), pad, dtype=rows_ids[0].dtype, device=device)
-    emb = pad_emb.expand(len(rows_ids), longest, -1).clone()
-    mask = torch.zeros(len(rows_ids), longest, dtype=torch.long, device=device)
-    for i, (r_ids, r_emb) in enumerate(zip(rows_ids, rows_emb, strict=True)):
-        n = len(r_ids)
-        ids[i, longest - n:] = r_ids
-        emb[i, longest - n:] = r_emb
-        mask[i, longest - n:] = 1
-    return ids, emb, mask
 
 
 @torch.no_grad()
@@ -199,18 +136,19 @@ def generate_batch(
     audio: dict[str, np.ndarray] | None = None,
     cache: str = "dynamic",
     compile: bool = False,
+    rows: AudioRows | None = None,
 ) -> list[Generation]:
     """Greedy answers for one batch; ``audio`` maps example id -> 16 kHz samples; ``cache`` and
-    ``compile`` as :func:`cache_options`."""
+    ``compile`` as :func:`cache_options`; ``rows`` shares audio rows across batches (:class:`AudioRows`)."""
     if audio is None:
         audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
     tok = processor.tokenizer
     device = _device_of(model)
-    if _inner(model) is not None:
-        ids, emb, mask = _row_embeds(model, processor, examples, audio, device)
+    if inner_model(model) is not None:
+        ids, emb, mask = row_embeds(model, processor, examples, audio, device, rows)
         batch: dict[str, Any] = {"input_ids": ids, "inputs_embeds": emb, "attention_mask": mask}
     else:  # not a Phi-4-multimodal: let the processor batch everything
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(processor, examples, audio).items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, examples, audio).items()}
     stops = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
     prompt_len = batch["input_ids"].shape[1]
@@ -231,15 +169,16 @@ def generate_batch(
 
 
 def plan_batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
-    """Batches of one task each, similar audio lengths together (deterministic)."""
+    """Batches of one task each, similar audio lengths together, the tasks taking turns
+    (APA 1, MDD 1, APA 2, ...: one recording's tasks run close together); deterministic."""
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
-    batches = []
+    per_task = []
     for task in sorted(by_task):
         items = sorted(by_task[task], key=lambda e: (e.duration or 0.0, len(e.prompt), e.id))
-        batches += [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
-    return batches
+        per_task.append([items[i: i + batch_size] for i in range(0, len(items), batch_size)])
+    return [b for turn in itertools.zip_longest(*per_task) for b in turn if b is not None]
 
 
 def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
@@ -277,6 +216,7 @@ def generate_all(
     was_training = model.training
     model.eval()
     results: dict[str, Generation] = {}
+    rows = AudioRows(examples)
     prog, bar = _progress(progress, len(examples))
     try:
         with prog:
@@ -293,7 +233,7 @@ def generate_all(
                     except AudioError as exc:
                         results[ex.id] = Generation(ex.id, ex.task, error=f"audio: {exc}")
                 budget = max_tokens_for(batch[0].task, max_new_tokens)
-                gens = _run_batch(model, processor, ok, budget, batch_audio, cache, compile)
+                gens = _run_batch(model, processor, ok, budget, batch_audio, cache, compile, rows)
                 for g in gens:
                     results[g.id] = g
                 if on_batch is not None:
@@ -305,18 +245,19 @@ def generate_all(
 
 
 def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], budget: int,
-               audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False) -> list[Generation]:
+               audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False,
+               rows: AudioRows | None = None) -> list[Generation]:
     """The batch at once; if the model fails on it, each example alone (culprits marked)."""
     if not batch:
         return []
     try:
-        return generate_batch(model, processor, batch, budget, audio, cache, compile)
+        return generate_batch(model, processor, batch, budget, audio, cache, compile, rows)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
         if len(batch) == 1:
             return [Generation(batch[0].id, batch[0].task, error=f"generation: {type(exc).__name__}: {exc}")]
-    return [g for ex in batch for g in _run_batch(model, processor, [ex], budget, audio, cache, compile)]
+    return [g for ex in batch for g in _run_batch(model, processor, [ex], budget, audio, cache, compile, rows)]
 
 
 def throughput(n: int, seconds: float) -> str:

@@ -1,0 +1,129 @@
+"""Prompt embeddings for generation: each row embedded alone, each recording encoded once.
+
+* **Row by row.** The audio encoder runs on one recording at a time because, batched, its
+  output for a shorter recording depends on the padding added for the longest one (measured
+  ~1e-2 on the merged embeddings): scores would then depend on the batch size. The cause is in
+  transformers: its Phi-4 audio encoder adds the boolean padding mask to the attention bias
+  (+1/+0) instead of masking, so padded frames are attended to (tests/test_audio_padding.py).
+  The decoder runs batched on the left-padded rows.
+* **Once per recording.** Evaluation asks two tasks (APA, MDD) about every recording, and the
+  audio rows of a prompt (the encoder's output, projected, at the audio placeholder positions)
+  depend on the recording alone, not on the text around them. :class:`AudioRows` keeps them
+  from the first task's prompt and copies them into the second's: the encoder runs half as
+  often, and the embeddings are bit for bit the same (tests/test_generate_embed.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from phi4mm_lora.data.audio import TARGET_SR
+from phi4mm_lora.data.examples import Example
+from phi4mm_lora.data.prompts import generation_prompt
+
+#: Fallback pad id when the tokenizer has none (Phi-4's <|endoftext|>).
+EOS_ID = 199999
+
+
+def _load_image(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def processor_inputs(processor: Any, examples: Sequence[Example], audio: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Left-padded model inputs for a batch (audio already decoded)."""
+    tok = processor.tokenizer
+    texts = [generation_prompt(ex.prompt, tok) for ex in examples]
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "left"}
+    with_audio = [audio[ex.id] for ex in examples if ex.audio_path]
+    if with_audio:
+        kwargs["audio"] = with_audio
+        kwargs["sampling_rate"] = TARGET_SR
+    images = [_load_image(ex.image_path) for ex in examples if ex.image_path]
+    if images:
+        kwargs["images"] = images
+    out = dict(processor(**kwargs))
+    out.pop("num_img_tokens", None)
+    return out
+
+
+def inner_model(model: torch.nn.Module) -> Any:
+    """The ``Phi4MultimodalModel`` under a PEFT wrapper / causal-LM head (None if absent)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    return inner if hasattr(inner, "embed_tokens_extend") else None
+
+
+class AudioRows:
+    """Each recording's audio rows, kept from its first prompt until its last one is embedded.
+
+    A recording is ``(utt_id, audio_path)``: the examples of one utterance share both. Prompts
+    with an image are left out, since the audio projection differs there. ``uses`` counts the
+    prompts still to come per recording, so an entry lives only between a recording's first and
+    last task (generation interleaves the tasks' batches to keep that short).
+    """
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.uses = Counter(self.key(ex) for ex in examples if not ex.image_path)
+        self.rows: dict[tuple, torch.Tensor] = {}
+        self.encoded = 0  # recordings that went through the encoder
+
+    @staticmethod
+    def key(ex: Example) -> tuple:
+        return ex.utt_id, ex.audio_path
+
+    def embed(self, inner: Any, ex: Example, ids: torch.Tensor, features: dict[str, Any]) -> torch.Tensor:
+        """``inner.embed_tokens_extend(ids, ...)`` for a one-row prompt, reusing its recording's rows."""
+        key = self.key(ex)
+        if ex.image_path or not self.uses.get(key) or "audio_input_features" not in features:
+            return inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **features)
+        at = ids == inner.embed_tokens_extend.audio_token_id
+        if key in self.rows:
+            emb = inner.embed_tokens(ids)
+            emb[at] = self.rows[key]
+        else:
+            emb = inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **features)
+            self.rows[key] = emb[at]
+            self.encoded += 1
+        self.uses[key] -= 1
+        if not self.uses[key]:
+            del self.rows[key]
+        return emb
+
+
+def row_embeds(model: torch.nn.Module, processor: Any, examples: Sequence[Example], audio: dict[str, np.ndarray],
+               device: torch.device, rows: AudioRows | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, inputs_embeds, attention_mask)``, each row embedded alone.
+
+    ``rows`` shares the audio rows of one recording between its prompts (:class:`AudioRows`);
+    None embeds every prompt from scratch.
+    """
+    inner = inner_model(model)
+    rows = rows or AudioRows([])
+    rows_ids, rows_emb = [], []
+    for ex in examples:
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, [ex], audio).items()}
+        ids = b.pop("input_ids")
+        b.pop("attention_mask", None)
+        rows_ids.append(ids[0])
+        rows_emb.append(rows.embed(inner, ex, ids, b)[0])
+    longest = max(len(r) for r in rows_ids)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else EOS_ID
+    pad_emb = inner.embed_tokens(torch.tensor([pad], device=device))[0]
+    ids = torch.full((len(rows_ids), longest), pad, dtype=rows_ids[0].dtype, device=device)
+    emb = pad_emb.expand(len(rows_ids), longest, -1).clone()
+    mask = torch.zeros(len(rows_ids), longest, dtype=torch.long, device=device)
+    for i, (r_ids, r_emb) in enumerate(zip(rows_ids, rows_emb, strict=True)):
+        n = len(r_ids)
+        ids[i, longest - n:] = r_ids
+        emb[i, longest - n:] = r_emb
+        mask[i, longest - n:] = 1
+    return ids, emb, mask

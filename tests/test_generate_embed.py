@@ -1,0 +1,95 @@
+"""Each recording goes through the audio encoder once per evaluation (evaluate/embed.py).
+
+The APA and MDD prompts of one utterance hear the same recording. Their audio rows (the
+encoder's output at the audio placeholder positions) must be reused, not recomputed, and the
+prompt embeddings must be bit for bit those of embedding each prompt from scratch, which is
+what transformers' ``embed_tokens_extend`` does. Counted with a forward hook on the real
+audio encoder of the tiny model; the adapter is a fresh one with random non-zero weights,
+merged, so that answers differ between recordings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from picks import three_lengths_both_tasks
+
+from phi4mm_lora.config import load_config
+from phi4mm_lora.data.audio import load_audio
+from phi4mm_lora.data.examples import build_examples
+from phi4mm_lora.evaluate.embed import AudioRows, inner_model, row_embeds
+from phi4mm_lora.evaluate.generate import generate_all, generate_batch, plan_batches
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_native: Path):
+    from phi4mm_lora.model.inference import merge_for_inference
+    from phi4mm_lora.model.load import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_native}", "adapter.mode=fresh", "adapter.r=4", "data.task=both"])
+    with pytest.warns(UserWarning, match="discarded"):
+        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in loaded.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+    loaded = merge_for_inference(loaded)
+    loaded.model.eval()
+    examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
+    return loaded, three_lengths_both_tasks(examples)
+
+
+class _EncoderCalls:
+    """Counts the audio encoder's forward calls (the real module, observed by a hook)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.n = 0
+        self.hook = inner_model(model).embed_tokens_extend.audio_embed.encoder.register_forward_hook(self._seen)
+
+    def _seen(self, *_: object) -> None:
+        self.n += 1
+
+    def __enter__(self) -> _EncoderCalls:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.hook.remove()
+
+
+def test_second_task_reuses_the_audio_rows_bit_for_bit(setup) -> None:
+    loaded, picked = setup
+    audio = {e.id: load_audio(e.audio_path) for e in picked}
+    apa, mdd = [e for e in picked if e.task == "apa"], [e for e in picked if e.task == "mdd"]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        fresh = [row_embeds(loaded.model, loaded.processor, b, audio, cpu) for b in (apa, mdd)]
+        rows = AudioRows(picked)
+        with _EncoderCalls(loaded.model) as calls:
+            shared = [row_embeds(loaded.model, loaded.processor, b, audio, cpu, rows) for b in (apa, mdd)]
+    assert calls.n == rows.encoded == len(apa) == 3  # once per recording, not once per prompt
+    assert rows.rows == {} and not any(rows.uses.values())  # nothing kept after the last task
+    for (ids_a, emb_a, mask_a), (ids_b, emb_b, mask_b) in zip(fresh, shared, strict=True):
+        assert torch.equal(ids_a, ids_b) and torch.equal(mask_a, mask_b)
+        assert torch.equal(emb_a, emb_b)
+    assert len({AudioRows.key(e) for e in picked}) == 3  # one entry per recording, shared by its two tasks
+
+
+def test_generate_all_encodes_each_recording_once_with_unchanged_answers(setup) -> None:
+    loaded, picked = setup
+    with _EncoderCalls(loaded.model) as calls:
+        gens = generate_all(loaded.model, loaded.processor, picked, batch_size=2, max_new_tokens=6, progress=False)
+    assert calls.n == len({e.utt_id for e in picked}) == 3
+    audio = {e.id: load_audio(e.audio_path) for e in picked}
+    alone = [generate_batch(loaded.model, loaded.processor, [e], 6, audio)[0] for e in picked]  # rows not shared
+    assert [(g.text, g.n_tokens, g.finished) for g in gens] == [(g.text, g.n_tokens, g.finished) for g in alone]
+    assert len({g.text for g in gens}) >= 3
+
+
+def test_tasks_take_turns_so_a_recordings_rows_are_kept_briefly(setup) -> None:
+    _, picked = setup
+    order = [b[0].task for b in plan_batches(picked, 1)]
+    assert order == ["apa", "mdd"] * 3
+    assert [b[0].utt_id for b in plan_batches(picked, 1)][::2] == [b[0].utt_id for b in plan_batches(picked, 1)][1::2]
