@@ -123,6 +123,7 @@ def test_evaluation_hook_after_each_epoch(manifest, tmp_path):
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["type"] == "eval"]
     assert [(r["epoch"], r["score"], r["step"]) for r in evals] == [(1, 0.25, 2), (2, 0.5, 4)]
+    assert all(isinstance(r["seconds"], float) and r["seconds"] >= 0 for r in evals)  # its cost, next to the epoch's
     assert result.summary["eval"]["score"] == 0.5
     assert (result.run_dir / "loss_curve.png").stat().st_size > 5000
     # switched off: not called

@@ -677,9 +677,11 @@ class FinetuneRecipe:
         """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
         if self.main:
             self.model.eval()
+            t0 = time.perf_counter()
             with torch.no_grad():
                 extra = {} if step is None else {"step": step}
                 result = dict(self.evaluate_fn(self.peft, self.processor, epoch_value, **extra))
+            result.setdefault("seconds", round(time.perf_counter() - t0, 2))  # issue 11: its share of an epoch
             self.model.train()
             erow = {"type": "eval", "step": self.global_step, "epoch": epoch_value, **result}
             self.eval_rows.append(erow)
