@@ -42,6 +42,9 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the tiny test model)")
+    ap.add_argument("--full-depth", action="store_true",
+                    help="without --model: the tiny model at the published depth and head counts "
+                         "(model.tiny.FULL_DEPTH), a CPU stand-in for a GPU step's host work")
     ap.add_argument("--data", default=None, help="data path (default: the bundled corpus)")
     ap.add_argument("--splits", nargs="+", default=["train", "test"])
     ap.add_argument("--batch-size", type=int, default=16)
@@ -78,6 +81,10 @@ def main() -> None:
 
     over = [f"eval.batch_size={args.batch_size}", f"eval.max_new_tokens={args.max_new_tokens}",
             f"precision={args.precision}"]
+    if args.full_depth and not args.model:
+        from phi4mm_lora.model.tiny import ensure_tiny
+
+        args.model = str(ensure_tiny(full_depth=True))
     if args.model:
         over.append(f"model.path={args.model}")
     if args.data:

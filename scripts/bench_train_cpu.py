@@ -4,6 +4,7 @@
     python scripts/bench_train_cpu.py --steps 8 train.gradient_checkpointing=true
     python scripts/bench_train_cpu.py --json out.json model.path=DIR   # another native checkpoint
     python scripts/bench_train_cpu.py --count-casts precision=bf16     # LoRA input casts, before/after
+    python scripts/bench_train_cpu.py --full-depth                     # 32 layers at toy width: host work
 
 Issue 10 asks where the fixed per-step cost of a GPU step comes from. Without a GPU this
 measures what a CPU shows, on the same code path the ``train`` command runs:
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: steadier on a shared machine; 0 = torch's default)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--full-depth", action="store_true",
+                    help="the tiny model at the published depth and head counts (model.tiny.FULL_DEPTH): the real "
+                         "number of operators per step on toy tensors, a CPU stand-in for a GPU step's host work")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a batch-8 step")
     ap.add_argument("--count-casts", action="store_true",
                     help="also count one batch-8 step's copies/casts and time --steps steps, LoRA inputs as-is vs "
@@ -274,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.full_depth:
+        from phi4mm_lora.model.tiny import ensure_tiny
+
+        args.overrides = [f"model.path={ensure_tiny(full_depth=True)}", *args.overrides]
 
     with tempfile.TemporaryDirectory(prefix="bench-train-cpu-") as tmp:
         t = time.perf_counter()

@@ -51,16 +51,24 @@ def _rope(head_dim: int, factor: float = 0.75) -> dict:
     }
 
 
-def tiny_config() -> Phi4MultimodalConfig:
-    """The real layout at toy width: 2 decoder layers, 2 conformer blocks, 2 SigLIP layers."""
-    hidden, heads = 64, 4
+#: The published model's depth and head counts: 32 decoder layers with 24 query / 8 kv heads,
+#: 24 conformer blocks, 27 SigLIP layers. ``tiny_config(**FULL_DEPTH)`` keeps them at toy width:
+#: every step then runs the real number of operators on tiny tensors, a CPU stand-in for the
+#: host work (dispatch, PEFT's Python, launches) of a step of the 5.6B model
+#: (``--full-depth`` of scripts/bench_train_cpu.py and scripts/bench_eval.py).
+FULL_DEPTH = {"layers": 32, "heads": 24, "kv_heads": 8, "hidden": 192, "audio_blocks": 24, "vision_layers": 27}
+
+
+def tiny_config(layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: int = 64, audio_blocks: int = 2,
+                vision_layers: int = 2) -> Phi4MultimodalConfig:
+    """The real layout at toy width: by default 2 decoder layers, 2 conformer blocks, 2 SigLIP layers."""
     return Phi4MultimodalConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         tie_word_embeddings=True,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
@@ -69,7 +77,7 @@ def tiny_config() -> Phi4MultimodalConfig:
         audio_config={
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_blocks": 2,
+            "num_blocks": audio_blocks,
             "num_attention_heads": 2,
             "ext_pw_out_channel": 64,
             "depthwise_separable_out_channel": 64,
@@ -79,7 +87,7 @@ def tiny_config() -> Phi4MultimodalConfig:
         vision_config={
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": vision_layers,
             "num_attention_heads": 2,
         },
     )
@@ -108,18 +116,19 @@ def _adapter_state(model: torch.nn.Module, spec: dict, gen: torch.Generator) -> 
 
 
 def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "native", seed: int = 0,
-               base: TinyBase = "random") -> Path:
+               base: TinyBase = "random", full_depth: bool = False) -> Path:
     """Write the tiny checkpoint to ``out_dir`` (atomically: a crash leaves no half folder).
 
     ``base="pretrained"``: the same seeded model with the shipped pretrained weights applied
     (decoder layers, final norm, the used tokens' embeddings; :mod:`phi4mm_lora.model.tiny_base`):
     it can copy a quote and spell it as phones. They were made from the seed-0 model, so only
-    seed 0 takes them.
+    seed 0 takes them. ``full_depth``: the published depth and head counts (:data:`FULL_DEPTH`),
+    for benchmarks of the host work per step.
     """
     from phi4mm_lora.errors import UserError
 
-    if base == "pretrained" and seed != 0:
-        raise UserError("the pretrained tiny base exists for seed 0 only (its weights were trained from that model)")
+    if base == "pretrained" and (seed != 0 or full_depth):
+        raise UserError("the pretrained tiny base exists for seed 0 at tiny depth only (its weights were trained from that model)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new folder or delete it")
@@ -128,7 +137,7 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         torch.manual_seed(seed)
-        config = tiny_config()
+        config = tiny_config(**FULL_DEPTH) if full_depth else tiny_config()
         model = Phi4MultimodalForCausalLM(config).eval()
         gen = torch.Generator().manual_seed(seed + 1)
         # Random init leaves these at zero/one; give them values so a wrong key mapping shows.
@@ -150,7 +159,8 @@ def build_tiny(out_dir: str | Path, layout: Literal["native", "official"] = "nat
         else:  # the published conventions: bf16 shards + index, side files, tripwire .py files
             convert.write_official(tmp, model, adapters, TINY_ADAPTERS, processor=processor,
                                    dtype=torch.bfloat16, tripwires=True)
-        (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout, "base": base}, indent=1))
+        (tmp / "phi4mm_lora_tiny.json").write_text(json.dumps({"seed": seed, "layout": layout, "base": base,
+                                                                "full_depth": full_depth}, indent=1))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -167,15 +177,15 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0, cache_dir: Path | None = None,
-                base: TinyBase = "random") -> Path:
-    """Return the cached tiny model, building it once (``base``: see :func:`build_tiny`).
+                base: TinyBase = "random", full_depth: bool = False) -> Path:
+    """Return the cached tiny model, building it once (``base``, ``full_depth``: see :func:`build_tiny`).
 
     Several processes (torchrun/accelerate workers, parallel test runs) may ask at the same
     moment on a fresh machine; an exclusive lock on a file next to the model makes one of
     them build while the others wait and then reuse it.
     """
     root = cache_dir or default_cache_dir()
-    name = f"tiny-{layout}-seed{seed}" + ("-pretrained" if base == "pretrained" else "")
+    name = f"tiny-{layout}-seed{seed}" + ("-pretrained" if base == "pretrained" else "") + ("-fulldepth" * full_depth)
     target = root / name
     if (target / "config.json").is_file():
         return target
@@ -190,8 +200,8 @@ def ensure_tiny(layout: Literal["native", "official"] = "native", seed: int = 0,
         if not (target / "config.json").is_file():
             if target.exists():  # left by a build that was killed before its atomic rename (older versions)
                 shutil.rmtree(target)
-            build_tiny(target, layout=layout, seed=seed, base=base)
+            build_tiny(target, layout=layout, seed=seed, base=base, full_depth=full_depth)
     return target
 
 
-__all__ = ["build_tiny", "ensure_tiny", "tiny_config", "tiny_processor", "TINY_ADAPTERS"]
+__all__ = ["FULL_DEPTH", "build_tiny", "ensure_tiny", "tiny_config", "tiny_processor", "TINY_ADAPTERS"]
