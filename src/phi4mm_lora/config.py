@@ -65,7 +65,9 @@ class ModelConfig(_Section):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     """auto: CUDA, then MPS, then CPU; a named device that is missing is an error."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel; flash_attention_2 needs the flash-attn package and a GPU."""
+    """Attention kernel. sdpa: PyTorch's SDPA, with one-token decoding steps run on the 8 key/value heads
+    instead of a 24-head copy of the cache (model/attention.py); flash_attention_2 needs the flash-attn
+    package and a GPU."""
 
 
 class AdapterConfig(_Section):
