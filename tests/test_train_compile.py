@@ -1,4 +1,4 @@
-"""``train.compile``: compiled decoder layers compute the eager model's loss and gradients.
+"""``train.compile``: compiled decoder layers and audio encoder blocks compute the eager model's loss and gradients.
 
 Parity in the PEFT/TRL sense: two recipes built from the same seed (so the same LoRA
 initialisation), one with ``train.compile=true``, take the same batch; the loss and every
@@ -51,12 +51,14 @@ def test_compiled_layers_match_eager(tmp_path, tiny_native, checkpointing):
     said: list[str] = []
     eager = build(tmp_path, False, checkpointing, said)
     compiled = build(tmp_path, True, checkpointing, said)
-    from phi4mm_lora.train.memory_plan import decoder_layers
+    from phi4mm_lora.train.memory_plan import conformer_blocks, decoder_layers
 
-    layers = decoder_layers(compiled.model)
-    assert layers and all(layer._compiled_call_impl is not None for layer in layers.values())
-    assert all(layer._compiled_call_impl is None for layer in decoder_layers(eager.model).values())
-    assert any(m.startswith(f"compile: torch.compile on {len(layers)} decoder layers") for m in said), said
+    layers, blocks = decoder_layers(compiled.model), conformer_blocks(compiled.model)
+    assert len(blocks) == compiled.model.config.audio_config.num_blocks
+    assert layers and all(m._compiled_call_impl is not None for m in [*layers.values(), *blocks])
+    assert all(m._compiled_call_impl is None for m in [*decoder_layers(eager.model).values(), *conformer_blocks(eager.model)])
+    assert any(m.startswith(f"compile: torch.compile on {len(layers)} decoder layers and {len(blocks)} audio encoder "
+                            "blocks") for m in said), said
     # compiling in place keeps parameter names: adapters save and resume under the same keys
     assert [n for n, _ in eager.model.named_parameters()] == [n for n, _ in compiled.model.named_parameters()]
 

@@ -417,14 +417,18 @@ class FinetuneRecipe:
 
         Per layer, not the whole model, as torchtune does: the layers are alike, so one graph serves
         all 32, and the data-dependent audio embedding outside them would break a whole-model graph.
-        On a GPU the win is fusion and fewer launches (the step is launch- and elementwise-bound:
-        docs/benchmarks.md, "GPU measurements"); on a CPU only the compile time shows."""
+        The audio encoder's conformer blocks are compiled the same way: frozen or not, they run in
+        every forward, and at the published depth they issue about a third of its operators
+        (docs/benchmarks.md, "After the lease"). On a GPU the win is fusion and fewer launches (the
+        step is launch- and elementwise-bound: "GPU measurements"); on a CPU only the compile time shows."""
         if not self.tc.compile:
             return
         layers = memory_plan.decoder_layers(self.model)
-        for layer in layers.values():
+        blocks = memory_plan.conformer_blocks(self.model)
+        for layer in [*layers.values(), *blocks]:
             layer.compile(dynamic=True)
-        self.say(f"compile: torch.compile on {len(layers)} decoder layers (the first steps compile)")
+        self.say(f"compile: torch.compile on {len(layers)} decoder layers and {len(blocks)} audio encoder blocks "
+                 "(the first steps compile)")
 
     def _longest_tokens(self, candidates: int = 16) -> int:
         """Tokens of the longest training example: the rough estimate picks the candidates, the

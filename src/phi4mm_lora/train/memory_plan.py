@@ -262,6 +262,7 @@ def device_memory(device: torch.device) -> float | None:
 #: Decoder layers under any wrapping (PEFT, DDP): ``...model.layers.N``, not the vision
 #: encoder's ``...encoder.layers.N``.
 _DECODER_LAYER = re.compile(r"(?:^|\.)model\.layers\.(\d+)$")
+_CONFORMER_BLOCK = re.compile(r"(?:^|\.)audio_embed\.encoder\.encoders\.(\d+)$")
 
 
 def apply_checkpointing(model: torch.nn.Module, mode: str) -> int:
@@ -299,6 +300,11 @@ def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if (m := _DECODER_LAYER.search(name)) and hasattr(mod, "gradient_checkpointing")}
 
 
+def conformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The audio encoder's conformer blocks, in order (transformers' ``audio_embed.encoder.encoders``)."""
+    return [mod for name, mod in model.named_modules() if _CONFORMER_BLOCK.search(name)]
+
+
 __all__ = ["CALIBRATION", "Footprint", "MARGIN", "MODES", "MemoryPlan", "RESERVE", "VALUES_PER_LAYER_TOKEN",
-           "activation_bytes", "apply_checkpointing", "choose_plan", "decoder_layers", "device_memory",
+           "activation_bytes", "apply_checkpointing", "choose_plan", "conformer_blocks", "decoder_layers", "device_memory",
            "estimate_peak", "fits", "footprint", "micro_batch_sizes", "split_batch"]
