@@ -54,3 +54,16 @@ def test_cast_counter_counts_copies_bytes_and_dtype_changes():
     assert c.calls == {"aten._to_copy": 2, "aten.copy_": 1, "of which bf16->fp32": 1, "of which fp32->bf16": 1,
                        "all operators": 6}
     assert c.bytes == {"aten._to_copy": 192, "aten.copy_": 128, "of which bf16->fp32": 128, "of which fp32->bf16": 64}
+
+
+def test_operator_count_splits_a_real_step_into_its_parts(tmp_path, tiny_native):
+    """``scripts/bench_ops.py``: the recipe's own step on the tiny model, eager. Every part issues
+    operators, backward ones are found on autograd's thread, and a batch of 8 issues more forward
+    operators than a batch of 1 (more audio clips to embed) but the same optimizer ones."""
+    from bench_ops import build, count_step
+
+    recipe = build([f"model.path={tiny_native}"], tmp_path / "run")
+    count_step(recipe, recipe.examples[:1])  # the first step also creates AdamW's state
+    one, eight = count_step(recipe, recipe.examples[:1]), count_step(recipe, recipe.examples[:8])
+    assert all(one[p] > 0 for p in ("forward", "backward", "optimizer", "other")), one
+    assert eight["forward"] > one["forward"] and eight["optimizer"] == one["optimizer"]
