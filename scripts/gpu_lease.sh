@@ -15,7 +15,7 @@
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
 #
 # A 15-minute lease fits two calls, e.g. `ckpt attention eval score compare cache` then, with what is left,
-# `parts` and `train` or `compile` (docs/benchmarks.md, "After the lease").
+# `compile`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
