@@ -1,4 +1,5 @@
-"""Each recording goes through the audio encoder once per evaluation (evaluate/embed.py).
+"""Each recording goes through the audio encoder once per evaluation (evaluate/embed.py), and
+one recording's two tasks share one batch on a GPU when they are all there is (scoring).
 
 The APA and MDD prompts of one utterance hear the same recording. Their audio rows (the
 encoder's output at the audio placeholder positions) must be reused, not recomputed, and the
@@ -93,3 +94,20 @@ def test_tasks_take_turns_so_a_recordings_rows_are_kept_briefly(setup) -> None:
     order = [b[0].task for b in plan_batches(picked, 1)]
     assert order == ["apa", "mdd"] * 3
     assert [b[0].utt_id for b in plan_batches(picked, 1)][::2] == [b[0].utt_id for b in plan_batches(picked, 1)][1::2]
+
+
+def test_one_recordings_tasks_share_a_batch_and_keep_their_own_budgets(setup) -> None:
+    """Scoring one recording on a GPU: APA and MDD in one batch, decoded for MDD's budget, APA cut
+    at its own: every answer is what that prompt gets alone with its task's budget."""
+    loaded, picked = setup
+    pair = [e for e in picked if e.utt_id == picked[0].utt_id]
+    assert sorted(e.task for e in pair) == ["apa", "mdd"]
+    assert [len(b) for b in plan_batches(pair, 8, share_small=True)] == [2]  # what generate_all does on a GPU
+    assert [len(b) for b in plan_batches(pair, 8)] == [1, 1]  # and on a CPU
+    audio = {e.id: load_audio(e.audio_path) for e in pair}
+    together = generate_batch(loaded.model, loaded.processor, plan_batches(pair, 8, share_small=True)[0], 200, audio)
+    together.sort(key=lambda g: [e.id for e in pair].index(g.id))
+    alone = [generate_batch(loaded.model, loaded.processor, [e], 200, audio)[0] for e in pair]
+    assert [(g.text, g.n_tokens, g.finished) for g in together] == [(g.text, g.n_tokens, g.finished) for g in alone]
+    tokens = {g.task: g.n_tokens for g in together}
+    assert tokens["apa"] == 40 < tokens["mdd"], tokens  # the random adapter runs on: APA really was cut at its budget

@@ -139,7 +139,12 @@ def generate_batch(
     rows: AudioRows | None = None,
 ) -> list[Generation]:
     """Greedy answers for one batch; ``audio`` maps example id -> 16 kHz samples; ``cache`` and
-    ``compile`` as :func:`cache_options`; ``rows`` shares audio rows across batches (:class:`AudioRows`)."""
+    ``compile`` as :func:`cache_options`; ``rows`` shares audio rows across batches (:class:`AudioRows`).
+
+    ``max_new_tokens`` caps each row's own task budget (:func:`max_tokens_for`). A batch that
+    mixes tasks decodes for the largest budget and cuts every row at its own, which gives the
+    answer that row would get alone: greedy rows do not depend on each other.
+    """
     if audio is None:
         audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
     tok = processor.tokenizer
@@ -152,15 +157,17 @@ def generate_batch(
     stops = stop_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
     prompt_len = batch["input_ids"].shape[1]
+    budgets = [max_tokens_for(ex.task, max_new_tokens) for ex in examples]
     out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        **batch, max_new_tokens=max(budgets), do_sample=False, num_beams=1,
         eos_token_id=stops, pad_token_id=pad, use_cache=True,
-        **cache_options(cache, compile, prompt_len + max_new_tokens),
+        **cache_options(cache, compile, prompt_len + max(budgets)),
     )
     new = (out[:, prompt_len:] if out.shape[1] > prompt_len else out).tolist()
     gens = []
     stop_set = set(stops)
-    for ex, row in zip(examples, new, strict=True):
+    for ex, row, budget in zip(examples, new, budgets, strict=True):
+        row = row[:budget]
         cut = next((i for i, t in enumerate(row) if t in stop_set), None)
         kept = row if cut is None else row[:cut]
         gens.append(Generation(ex.id, ex.task, tok.decode(kept, skip_special_tokens=False),
@@ -168,9 +175,19 @@ def generate_batch(
     return gens
 
 
-def plan_batches(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+def plan_batches(examples: Sequence[Example], batch_size: int, share_small: bool = False) -> list[list[Example]]:
     """Batches of one task each, similar audio lengths together, the tasks taking turns
-    (APA 1, MDD 1, APA 2, ...: one recording's tasks run close together); deterministic."""
+    (APA 1, MDD 1, APA 2, ...: one recording's tasks run close together); deterministic.
+
+    ``share_small``: when everything fits in one batch (scoring a recording: its APA and MDD
+    prompts), the tasks share it, so decoding takes the longer budget's steps instead of both
+    budgets' (120 instead of 160 for a model that never stops). That pays where a decoding step
+    costs the same for 1 row as for 2: on a GPU, where it is bound by the host (docs/benchmarks.md,
+    "GPU measurements"). On a CPU a step's cost grows with its rows, and scoring one recording on
+    the real depth took 7.0 s shared against 5.5 s apart, so generation shares only on a GPU.
+    """
+    if share_small and len(examples) <= batch_size:
+        return [sorted(examples, key=lambda e: (e.task, e.duration or 0.0, e.id))] if examples else []
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
@@ -220,7 +237,7 @@ def generate_all(
     prog, bar = _progress(progress, len(examples))
     try:
         with prog:
-            for batch in plan_batches(examples, batch_size):
+            for batch in plan_batches(examples, batch_size, share_small=_device_of(model).type == "cuda"):
                 batch_audio: dict[str, np.ndarray] = {}
                 ok: list[Example] = []
                 for ex in batch:
@@ -232,8 +249,7 @@ def generate_all(
                         ok.append(ex)
                     except AudioError as exc:
                         results[ex.id] = Generation(ex.id, ex.task, error=f"audio: {exc}")
-                budget = max_tokens_for(batch[0].task, max_new_tokens)
-                gens = _run_batch(model, processor, ok, budget, batch_audio, cache, compile, rows)
+                gens = _run_batch(model, processor, ok, max_new_tokens, batch_audio, cache, compile, rows)
                 for g in gens:
                     results[g.id] = g
                 if on_batch is not None:
@@ -244,20 +260,20 @@ def generate_all(
     return [results[ex.id] for ex in examples]
 
 
-def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], budget: int,
+def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], cap: int,
                audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False,
                rows: AudioRows | None = None) -> list[Generation]:
     """The batch at once; if the model fails on it, each example alone (culprits marked)."""
     if not batch:
         return []
     try:
-        return generate_batch(model, processor, batch, budget, audio, cache, compile, rows)
+        return generate_batch(model, processor, batch, cap, audio, cache, compile, rows)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
         if len(batch) == 1:
             return [Generation(batch[0].id, batch[0].task, error=f"generation: {type(exc).__name__}: {exc}")]
-    return [g for ex in batch for g in _run_batch(model, processor, [ex], budget, audio, cache, compile, rows)]
+    return [g for ex in batch for g in _run_batch(model, processor, [ex], cap, audio, cache, compile, rows)]
 
 
 def throughput(n: int, seconds: float) -> str:
