@@ -161,9 +161,9 @@ def main() -> None:
         print(ratio_table(runs))
     emit(figures, args.json)
     if args.profile:
-        from phi4mm_lora.evaluate.generate import plan_batches
+        from phi4mm_lora.evaluate.generate import batches_for
 
-        profile_batch(loaded, plan_batches(examples, args.batch_size)[0], cfg.eval.max_new_tokens)
+        profile_batch(loaded, batches_for(loaded.model, examples, args.batch_size)[0], cfg.eval.max_new_tokens)
 
 
 def first_per_task(examples: list, n: int | None) -> list:
@@ -384,7 +384,7 @@ class StepTimer:
 def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int,
         cache: str = "dynamic", compile: bool = False) -> dict:
     """Generate for ``examples`` as evaluate does; wall time, throughput and its split."""
-    from phi4mm_lora.evaluate.generate import generate_all, max_tokens_for, plan_batches
+    from phi4mm_lora.evaluate.generate import batches_for, generate_all, max_tokens_for
 
     timer = StepTimer(loaded.model)
     t1 = time.perf_counter()
@@ -397,7 +397,7 @@ def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: i
     tokens = sum(g.n_tokens for g in gens)
     # A batch decodes until its longest answer stops: that many forward passes of the decoder.
     n_tok = {g.id: g.n_tokens for g in gens}
-    batches = plan_batches(examples, batch_size)
+    batches = batches_for(loaded.model, examples, batch_size)
     decode_steps = sum(max(n_tok[e.id] for e in b) for b in batches)
     steps = max(timer.decodes, 1)
     outside = gen_s - timer.prefill_s - timer.decode_s - timer.gap_s

@@ -198,6 +198,11 @@ def plan_batches(examples: Sequence[Example], batch_size: int, share_small: bool
     return [b for turn in itertools.zip_longest(*per_task) for b in turn if b is not None]
 
 
+def batches_for(model: torch.nn.Module, examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """The batches :func:`generate_all` runs for ``model``: :func:`plan_batches`, sharing small sets on a GPU."""
+    return plan_batches(examples, batch_size, share_small=_device_of(model).type == "cuda")
+
+
 def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -237,7 +242,7 @@ def generate_all(
     prog, bar = _progress(progress, len(examples))
     try:
         with prog:
-            for batch in plan_batches(examples, batch_size, share_small=_device_of(model).type == "cuda"):
+            for batch in batches_for(model, examples, batch_size):
                 batch_audio: dict[str, np.ndarray] = {}
                 ok: list[Example] = []
                 for ex in batch:
