@@ -82,7 +82,8 @@ class AudioRows:
     def embed(self, inner: Any, ex: Example, ids: torch.Tensor, features: dict[str, Any]) -> torch.Tensor:
         """``inner.embed_tokens_extend(ids, ...)`` for a one-row prompt, reusing its recording's rows."""
         key = self.key(ex)
-        if ex.image_path or not self.uses.get(key) or "audio_input_features" not in features:
+        if ex.image_path or self.uses.get(key, 0) <= 0 or "audio_input_features" not in features:
+            # not shared, or asked again after its last use (a failed batch retried row by row)
             return inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **features)
         at = ids == inner.embed_tokens_extend.audio_token_id
         if key in self.rows:
@@ -93,7 +94,7 @@ class AudioRows:
             self.rows[key] = emb[at]
             self.encoded += 1
         self.uses[key] -= 1
-        if not self.uses[key]:
+        if self.uses[key] <= 0:
             del self.rows[key]
         return emb
 
