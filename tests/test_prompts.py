@@ -30,7 +30,8 @@ from phi4mm_lora.data.audio import load_audio
 from phi4mm_lora.data.collate import IGNORE_INDEX, Collator
 from phi4mm_lora.data.examples import Example, build_examples
 from phi4mm_lora.data.prompts import END, generation_prompt, training_text
-from phi4mm_lora.evaluate.generate import _inputs, generate_all
+from phi4mm_lora.evaluate.embed import processor_inputs
+from phi4mm_lora.evaluate.generate import generate_all
 from phi4mm_lora.model.load import load_processor
 from phi4mm_lora.model.tokenizer import CHAT_TEMPLATE
 
@@ -74,7 +75,7 @@ def test_training_ids_start_with_the_generation_prompt_ids(processors, examples,
         # the chat format the published template defines, written out independently
         assert prompt == f"<|user|>{ex.prompt}<|end|><|assistant|>"
         audio = {ex.id: load_audio(ex.audio_path)}
-        gen_ids = _inputs(proc, [ex], audio)["input_ids"][0].tolist()
+        gen_ids = processor_inputs(proc, [ex], audio)["input_ids"][0].tolist()
         batch = Collator(proc, padding_side="right")([ex])
         train_ids = batch["input_ids"][0].tolist()
         n = len(gen_ids)
@@ -134,7 +135,7 @@ def test_padding_side_is_passed_per_call_never_set(tiny_native: Path, examples) 
         with _Watched(tok) as w:
             batch = Collator(proc, padding_side=side)(two)
             gens = generate_all(loaded.model, proc, two, batch_size=2, max_new_tokens=2, progress=False)
-            left = _inputs(proc, two, {ex.id: load_audio(ex.audio_path) for ex in two})
+            left = processor_inputs(proc, two, {ex.id: load_audio(ex.audio_path) for ex in two})
         assert w.assigned == [] and tok.padding_side == start
         mask = batch["attention_mask"]
         assert not torch.equal(mask[0], mask[1])  # really padded
