@@ -34,6 +34,34 @@ def tiny_official() -> Path:
     return ensure_tiny("official", seed=0)
 
 
+@pytest.fixture(scope="session")
+def merged_fresh_lora(tiny_native: Path):
+    """The tiny model with a fresh r=4 adapter of random non-zero weights, merged as evaluate
+    merges it (a fresh lora_B is zero, so answers would not depend on the recording), and both
+    tasks' test examples of three recordings of different lengths: what generation tests compare."""
+    import torch
+    from picks import three_lengths_both_tasks
+
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.data.examples import build_examples
+    from phi4mm_lora.model.inference import merge_for_inference
+    from phi4mm_lora.model.load import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_native}", "adapter.mode=fresh", "adapter.r=4", "data.task=both"])
+    with pytest.warns(UserWarning, match="discarded"):
+        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in loaded.model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+    loaded = merge_for_inference(loaded)
+    assert loaded.merge.merged
+    loaded.model.eval()
+    examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
+    return loaded, three_lengths_both_tasks(examples)
+
+
 #: The core subset ``make test`` also runs on the oldest supported transformers/peft
 #: (docs/compatibility.md): loading both layouts, adapter modes, a training run with resume,
 #: generation, evaluate end to end, the answer-only loss. Listed here rather than marked in

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from picks import three_lengths_both_tasks
 
 from phi4mm_lora.config import load_config
 from phi4mm_lora.data.audio import load_audio
-from phi4mm_lora.data.examples import build_examples
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.embed import row_embeds
 from phi4mm_lora.evaluate.generate import (
@@ -33,28 +31,8 @@ from phi4mm_lora.evaluate.generate import (
 )
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_native: Path):
-    from phi4mm_lora.model.inference import merge_for_inference
-    from phi4mm_lora.model.load import load_model
-
-    cfg = load_config(None, [f"model.path={tiny_native}", "adapter.mode=fresh", "adapter.r=4", "data.task=both"])
-    with pytest.warns(UserWarning, match="discarded"):
-        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in loaded.model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.5)  # a fresh lora_B is zero: make the answers depend on the recording
-    loaded = merge_for_inference(loaded)
-    assert loaded.merge.merged
-    examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
-    picked = three_lengths_both_tasks(examples)
-    return loaded, picked
-
-
-def test_static_cache_gives_the_same_token_ids_batched_and_alone(setup) -> None:
-    loaded, picked = setup
+def test_static_cache_gives_the_same_token_ids_batched_and_alone(merged_fresh_lora) -> None:
+    loaded, picked = merged_fresh_lora
     exs = [e for e in picked if e.task == "mdd"]
     audio = {e.id: load_audio(e.audio_path) for e in exs}
     tok = loaded.processor.tokenizer
@@ -80,9 +58,9 @@ def test_static_cache_gives_the_same_token_ids_batched_and_alone(setup) -> None:
         assert set(dynamic[i][len(alone):]) <= {tok.pad_token_id}
 
 
-def test_generate_all_static_equals_dynamic(setup) -> None:
+def test_generate_all_static_equals_dynamic(merged_fresh_lora) -> None:
     """What evaluate records (text, token count, stopped) with eval.cache=static, batch 8 and batch 1."""
-    loaded, picked = setup
+    loaded, picked = merged_fresh_lora
 
     def answers(batch_size: int, cache: str) -> list[tuple[str, int, bool]]:
         gens = generate_all(loaded.model, loaded.processor, picked, batch_size=batch_size, max_new_tokens=8,
@@ -119,9 +97,9 @@ def test_cache_options_and_config(monkeypatch, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")
-def test_compiled_static_cache_gives_the_same_answers(setup) -> None:
+def test_compiled_static_cache_gives_the_same_answers(merged_fresh_lora) -> None:
     """eval.compile=true: the decoding step really goes through torch.compile, same answers."""
-    loaded, picked = setup
+    loaded, picked = merged_fresh_lora
     exs = [e for e in picked if e.task == "apa"][:2]
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["frames"]["ok"]

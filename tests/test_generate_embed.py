@@ -11,36 +11,11 @@ merged, so that answers differ between recordings.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
-from picks import three_lengths_both_tasks
 
-from phi4mm_lora.config import load_config
 from phi4mm_lora.data.audio import load_audio
-from phi4mm_lora.data.examples import build_examples
 from phi4mm_lora.evaluate.embed import AudioRows, inner_model, row_embeds
 from phi4mm_lora.evaluate.generate import generate_all, generate_batch, plan_batches
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_native: Path):
-    from phi4mm_lora.model.inference import merge_for_inference
-    from phi4mm_lora.model.load import load_model
-
-    cfg = load_config(None, [f"model.path={tiny_native}", "adapter.mode=fresh", "adapter.r=4", "data.task=both"])
-    with pytest.warns(UserWarning, match="discarded"):
-        loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in loaded.model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.5)
-    loaded = merge_for_inference(loaded)
-    loaded.model.eval()
-    examples, _ = build_examples(cfg.data, cfg.prompts, "test", audio_token=loaded.processor.audio_token)
-    return loaded, three_lengths_both_tasks(examples)
 
 
 class _EncoderCalls:
@@ -60,8 +35,8 @@ class _EncoderCalls:
         self.hook.remove()
 
 
-def test_second_task_reuses_the_audio_rows_bit_for_bit(setup) -> None:
-    loaded, picked = setup
+def test_second_task_reuses_the_audio_rows_bit_for_bit(merged_fresh_lora) -> None:
+    loaded, picked = merged_fresh_lora
     audio = {e.id: load_audio(e.audio_path) for e in picked}
     apa, mdd = [e for e in picked if e.task == "apa"], [e for e in picked if e.task == "mdd"]
     cpu = torch.device("cpu")
@@ -78,8 +53,8 @@ def test_second_task_reuses_the_audio_rows_bit_for_bit(setup) -> None:
     assert len({AudioRows.key(e) for e in picked}) == 3  # one entry per recording, shared by its two tasks
 
 
-def test_generate_all_encodes_each_recording_once_with_unchanged_answers(setup) -> None:
-    loaded, picked = setup
+def test_generate_all_encodes_each_recording_once_with_unchanged_answers(merged_fresh_lora) -> None:
+    loaded, picked = merged_fresh_lora
     with _EncoderCalls(loaded.model) as calls:
         gens = generate_all(loaded.model, loaded.processor, picked, batch_size=2, max_new_tokens=6, progress=False)
     assert calls.n == len({e.utt_id for e in picked}) == 3
@@ -89,17 +64,17 @@ def test_generate_all_encodes_each_recording_once_with_unchanged_answers(setup) 
     assert len({g.text for g in gens}) >= 3
 
 
-def test_tasks_take_turns_so_a_recordings_rows_are_kept_briefly(setup) -> None:
-    _, picked = setup
+def test_tasks_take_turns_so_a_recordings_rows_are_kept_briefly(merged_fresh_lora) -> None:
+    _, picked = merged_fresh_lora
     order = [b[0].task for b in plan_batches(picked, 1)]
     assert order == ["apa", "mdd"] * 3
     assert [b[0].utt_id for b in plan_batches(picked, 1)][::2] == [b[0].utt_id for b in plan_batches(picked, 1)][1::2]
 
 
-def test_one_recordings_tasks_share_a_batch_and_keep_their_own_budgets(setup) -> None:
+def test_one_recordings_tasks_share_a_batch_and_keep_their_own_budgets(merged_fresh_lora) -> None:
     """Scoring one recording on a GPU: APA and MDD in one batch, decoded for MDD's budget, APA cut
     at its own: every answer is what that prompt gets alone with its task's budget."""
-    loaded, picked = setup
+    loaded, picked = merged_fresh_lora
     pair = [e for e in picked if e.utt_id == picked[0].utt_id]
     assert sorted(e.task for e in pair) == ["apa", "mdd"]
     assert [len(b) for b in plan_batches(pair, 8, share_small=True)] == [2]  # what generate_all does on a GPU
