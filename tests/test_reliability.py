@@ -621,11 +621,17 @@ def test_metrics_never_hold_non_json_numbers(finished):
         json.loads(line, parse_constant=refuse)
 
 
+def _default_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt: the child gets the default back, as a terminal's foreground job has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train_proc(cfg_file, data, out, **extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "phi4mm_lora", "train", str(cfg_file),
                              *small_overrides(data, out, **extra), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), preexec_fn=_default_sigint)
 
 
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
