@@ -67,3 +67,15 @@ def test_operator_count_splits_a_real_step_into_its_parts(tmp_path, tiny_native)
     one, eight = count_step(recipe, recipe.examples[:1]), count_step(recipe, recipe.examples[:8])
     assert all(one[p] > 0 for p in ("forward", "backward", "optimizer", "other")), one
     assert eight["forward"] > one["forward"] and eight["optimizer"] == one["optimizer"]
+
+
+def test_padding_share_counts_the_recipes_own_batches(tmp_path, tiny_native):
+    """``scripts/bench_padding.py``: the same examples grouped by length or not hold the same real
+    tokens; grouping computes fewer positions."""
+    from bench_padding import build, padding
+
+    recipe = build([f"model.path={tiny_native}", "data.task=both", "train.batch_size=4"], tmp_path / "run")
+    grouped, ungrouped = padding(recipe, True, 1), padding(recipe, False, 1)
+    assert grouped["real"] == ungrouped["real"] > 0
+    assert grouped["computed"] < ungrouped["computed"]
+    assert 0 <= grouped["padding_share"] < ungrouped["padding_share"] < 1
