@@ -20,7 +20,9 @@ as a ratio to the baseline.
 loads it), the baseline (``eval.cache=dynamic``) and alongside it ``eval.cache=static`` and
 ``eval.cache=static eval.compile=true`` (its compilation, recompilations included, timed apart
 in a warm-up pass over the same examples), prints the same figures as ratios to the baseline
-and says whether each variant's answers are identical to the baseline's. It also times, alone
+and says whether each variant's answers are identical to the baseline's, with the operators
+of one decoding step and of one prompt's preparation (``eval.compile`` compiles the audio
+encoder's blocks too). It also times, alone
 on tensors of the run's shapes, the per-step host work inside transformers' ``generate``
 (float32 logits copy, argmax, stopping criteria) and reports the ``logits_to_keep`` the prefill
 got.
@@ -331,7 +333,27 @@ def ops_per_step(loaded, example, **options) -> dict:
         return total, mm
 
     (t2, m2), (t6, m6) = counts(2), counts(6)
-    return {"aten_ops_per_step": (t6 - t2) / 4, "matmuls_per_step": (m6 - m2) / 4}
+    return {"aten_ops_per_step": (t6 - t2) / 4, "matmuls_per_step": (m6 - m2) / 4,
+            "aten_ops_per_prep": ops_per_prep(loaded, example)}
+
+
+def ops_per_prep(loaded, example) -> int:
+    """torch operators of one prompt's preparation: the processor, the audio encoder, the embedding.
+
+    Counted with torch.profiler on ``row_embeds`` for the example alone (its recording encoded,
+    not shared), after :func:`ops_per_step`'s unprofiled call has compiled what ``compile`` compiles.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from phi4mm_lora.data.audio import load_audio
+    from phi4mm_lora.evaluate.embed import row_embeds
+
+    audio = {example.id: load_audio(example.audio_path)}
+    device = next(p.device for p in loaded.model.parameters())
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        row_embeds(loaded.model, loaded.processor, [example], audio, device)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
 class StepTimer:
@@ -442,7 +464,8 @@ RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "p
 
 
 CACHE_RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",
-                    "examples_per_s", "extrapolated_full_s", "aten_ops_per_step")
+                    "prep_ms_per_example", "examples_per_s", "extrapolated_full_s", "aten_ops_per_step",
+                    "aten_ops_per_prep")
 
 
 def ratio_table(runs: list[dict], keys: tuple[str, ...] = RATIO_KEYS) -> str:

@@ -28,11 +28,12 @@ import torch
 
 def saved_bytes(model: torch.nn.Module, batch: dict, mode: str) -> dict:
     """Bytes kept for backward by one forward pass: per decoder layer, and outside them."""
+    from phi4mm_lora.model.blocks import decoder_layers
     from phi4mm_lora.train import memory_plan as mp
     from phi4mm_lora.train.loss import answer_loss_sum
 
     mp.apply_checkpointing(model, mode)
-    layers = mp.decoder_layers(model)
+    layers = decoder_layers(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     where = ["other"]

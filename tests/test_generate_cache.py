@@ -98,14 +98,24 @@ def test_cache_options_and_config(monkeypatch, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")
 def test_compiled_static_cache_gives_the_same_answers(merged_fresh_lora) -> None:
-    """eval.compile=true: the decoding step really goes through torch.compile, same answers."""
+    """eval.compile=true: the decoding step and the audio encoder's blocks really go through
+    torch.compile, with the same answers."""
+    from phi4mm_lora.model.blocks import conformer_blocks, is_compiled
+
     loaded, picked = merged_fresh_lora
     exs = [e for e in picked if e.task == "apa"][:2]
+    kw = {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    dynamic = generate_all(loaded.model, loaded.processor, exs, **kw)
+    blocks = conformer_blocks(loaded.model)
+    assert blocks and not any(is_compiled(b) for b in blocks)
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["frames"]["ok"]
-    kw = {"batch_size": 2, "max_new_tokens": 6, "progress": False}
-    compiled = generate_all(loaded.model, loaded.processor, exs, cache="static", compile=True, **kw)
+    try:
+        compiled = generate_all(loaded.model, loaded.processor, exs, cache="static", compile=True, **kw)
+        assert all(is_compiled(b) for b in blocks)
+    finally:  # the model is the session's: give the other tests its eager blocks back
+        for b in blocks:
+            b._compiled_call_impl = None
     assert torch._dynamo.utils.counters["frames"]["ok"] > before, "nothing was compiled"
-    dynamic = generate_all(loaded.model, loaded.processor, exs, **kw)
     assert all(g.error is None for g in compiled)
     assert [(g.text, g.n_tokens) for g in compiled] == [(g.text, g.n_tokens) for g in dynamic]

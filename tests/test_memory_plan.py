@@ -15,6 +15,7 @@ from test_train_common import make_manifest, max_diff, read_trained, small_overr
 
 from phi4mm_lora.config import load_config
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.blocks import decoder_layers
 from phi4mm_lora.train import memory_plan as mp
 
 TRAINABLE = 461_373_440  # the pretrained speech LoRA, r=320
@@ -176,7 +177,7 @@ def test_selective_recomputes_every_other_decoder_layer(tiny_native):
 
     loaded = load_model(ModelConfig(path=str(tiny_native), device="cpu"), "fp32", AdapterConfig())
     model = loaded.model
-    layers = mp.decoder_layers(model)
+    layers = decoder_layers(model)
     assert sorted(layers) == list(range(model.config.num_hidden_layers)) and len(layers) >= 2
     assert mp.apply_checkpointing(model, "selective") == (len(layers) + 1) // 2
     assert [layers[i].gradient_checkpointing for i in sorted(layers)][:2] == [True, False]

@@ -51,7 +51,7 @@ def test_compiled_layers_match_eager(tmp_path, tiny_native, checkpointing):
     said: list[str] = []
     eager = build(tmp_path, False, checkpointing, said)
     compiled = build(tmp_path, True, checkpointing, said)
-    from phi4mm_lora.train.memory_plan import conformer_blocks, decoder_layers
+    from phi4mm_lora.model.blocks import conformer_blocks, decoder_layers
 
     layers, blocks = decoder_layers(compiled.model), conformer_blocks(compiled.model)
     assert len(blocks) == compiled.model.config.audio_config.num_blocks

@@ -225,8 +225,9 @@ class TrainConfig(_Section):
     (CPU: none). true/false mean full/none (older configs)."""
     compile: bool = Field(
         False,
-        description="torch.compile each decoder layer (torchtune's per-layer compile; shapes dynamic from the "
-        "start, since batches vary in length): fewer kernel launches and fused elementwise work on a GPU. "
+        description="torch.compile each decoder layer and each audio encoder block (torchtune's per-layer "
+        "compile; shapes dynamic from the start, since batches vary in length): fewer kernel launches and fused "
+        "elementwise work on a GPU. "
         "The first steps are slow while it compiles; numbers agree with eager to rounding.",
     )
     group_by_length: bool = True
@@ -366,8 +367,9 @@ class EvalConfig(_Section):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the decoding step (transformers' generate compile path; needs eval.cache=static). "
-        "The first batches pay the compilation (15-36 s for the tiny model on a CPU core); unmeasured on GPU.",
+        description="torch.compile the decoding step (transformers' generate compile path; needs eval.cache=static) "
+        "and the audio encoder's conformer blocks, one by one. The first batches pay the compilation (15-36 s for "
+        "the tiny model on a CPU core); unmeasured on GPU.",
     )
 
     @field_validator("compile")

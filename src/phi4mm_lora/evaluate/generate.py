@@ -23,7 +23,9 @@ Why it is shaped like this:
   batch is retried one example at a time so only the culprit is marked.
 * ``eval.cache`` / ``eval.compile`` choose transformers' own KV cache and compile path
   (:func:`cache_options`); the answers are the same token ids with either cache (tested on the
-  tiny model, batched and one at a time).
+  tiny model, batched and one at a time). ``eval.compile`` also compiles the audio encoder's
+  conformer blocks one by one (:mod:`phi4mm_lora.model.blocks`): at the published depth they
+  issue half of a recording's preparation operators.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from phi4mm_lora.data.audio import AudioError, load_audio
 from phi4mm_lora.data.examples import Example
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.embed import EOS_ID, AudioRows, inner_model, processor_inputs, row_embeds
+from phi4mm_lora.model.blocks import compile_each, conformer_blocks
 
 END_TOKEN = "<|end|>"
 #: Fallback id of <|end|> when the tokenizer does not know it (Phi-4's value; eos: ``EOS_ID``).
@@ -229,9 +232,12 @@ def generate_all(
     ``max_new_tokens`` caps the per-task budgets of :data:`TASK_MAX_NEW_TOKENS`. ``audio``
     holds already decoded 16 kHz samples by example id (the server decodes uploads in
     memory); other examples are read from their ``audio_path``. ``cache``/``compile``:
-    ``eval.cache``/``eval.compile`` (:func:`cache_options`).
+    ``eval.cache``/``eval.compile`` (:func:`cache_options`); ``compile`` also compiles the audio
+    encoder's conformer blocks, which run once per recording outside the decoding step.
     """
     cache_options(cache, compile)  # a bad combination fails here, before any work
+    if compile:
+        compile_each(conformer_blocks(model))
     decoded = audio or {}
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")

@@ -52,6 +52,7 @@ import torch
 from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model import blocks
 from phi4mm_lora.train import checkpoint as ckpt
 from phi4mm_lora.train import distributed, memory_plan, trackers
 from phi4mm_lora.train import loss as loss_mod
@@ -412,22 +413,18 @@ class FinetuneRecipe:
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
 
     def _setup_compile(self) -> None:
-        """``train.compile``: each decoder layer through ``torch.compile``, after checkpointing is set
-        (transformers' checkpoint then wraps the compiled layer) and before accelerate wraps the model.
-
-        Per layer, not the whole model, as torchtune does: the layers are alike, so one graph serves
-        all 32, and the data-dependent audio embedding outside them would break a whole-model graph.
-        The audio encoder's conformer blocks are compiled the same way: frozen or not, they run in
-        every forward, and at the published depth they issue about a third of its operators
-        (docs/benchmarks.md, "After the lease"). On a GPU the win is fusion and fewer launches (the
-        step is launch- and elementwise-bound: "GPU measurements"); on a CPU only the compile time shows."""
+        """``train.compile``: each decoder layer and each of the audio encoder's conformer blocks
+        through ``torch.compile`` (:mod:`phi4mm_lora.model.blocks` says why block by block), after
+        checkpointing is set (transformers' checkpoint then wraps the compiled layer) and before
+        accelerate wraps the model. On a GPU the win is fusion and fewer launches (the step is
+        launch- and elementwise-bound: docs/benchmarks.md, "GPU measurements"); on a CPU only the
+        compile time shows."""
         if not self.tc.compile:
             return
-        layers = memory_plan.decoder_layers(self.model)
-        blocks = memory_plan.conformer_blocks(self.model)
-        for layer in [*layers.values(), *blocks]:
-            layer.compile(dynamic=True)
-        self.say(f"compile: torch.compile on {len(layers)} decoder layers and {len(blocks)} audio encoder blocks "
+        layers = list(blocks.decoder_layers(self.model).values())
+        audio = blocks.conformer_blocks(self.model)
+        blocks.compile_each([*layers, *audio])
+        self.say(f"compile: torch.compile on {len(layers)} decoder layers and {len(audio)} audio encoder blocks "
                  "(the first steps compile)")
 
     def _longest_tokens(self, candidates: int = 16) -> int:

@@ -33,13 +33,13 @@ this module imports only torch and :mod:`phi4mm_lora.errors`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.model.blocks import decoder_layers
 
 #: Fastest first. Recomputation costs time (measured on one H200, bf16, batch 8: 0.84 s/step
 #: with full checkpointing against 0.49 s without, shared/docs/gpu-measurements.md).
@@ -259,12 +259,6 @@ def device_memory(device: torch.device) -> float | None:
     return float(free + torch.cuda.memory_allocated(device))
 
 
-#: Decoder layers under any wrapping (PEFT, DDP): ``...model.layers.N``, not the vision
-#: encoder's ``...encoder.layers.N``.
-_DECODER_LAYER = re.compile(r"(?:^|\.)model\.layers\.(\d+)$")
-_CONFORMER_BLOCK = re.compile(r"(?:^|\.)audio_embed\.encoder\.encoders\.(\d+)$")
-
-
 def apply_checkpointing(model: torch.nn.Module, mode: str) -> int:
     """Switch ``mode`` on with transformers' own machinery; returns how many decoder layers recompute.
 
@@ -294,17 +288,6 @@ def apply_checkpointing(model: torch.nn.Module, mode: str) -> int:
     return sum(bool(layer.gradient_checkpointing) for layer in layers.values())
 
 
-def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Index -> decoder layer, for the layers that have transformers' checkpointing switch."""
-    return {int(m.group(1)): mod for name, mod in model.named_modules()
-            if (m := _DECODER_LAYER.search(name)) and hasattr(mod, "gradient_checkpointing")}
-
-
-def conformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The audio encoder's conformer blocks, in order (transformers' ``audio_embed.encoder.encoders``)."""
-    return [mod for name, mod in model.named_modules() if _CONFORMER_BLOCK.search(name)]
-
-
 __all__ = ["CALIBRATION", "Footprint", "MARGIN", "MODES", "MemoryPlan", "RESERVE", "VALUES_PER_LAYER_TOKEN",
-           "activation_bytes", "apply_checkpointing", "choose_plan", "conformer_blocks", "decoder_layers", "device_memory",
+           "activation_bytes", "apply_checkpointing", "choose_plan", "device_memory",
            "estimate_peak", "fits", "footprint", "micro_batch_sizes", "split_batch"]
