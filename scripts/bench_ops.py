@@ -1,7 +1,8 @@
-"""Operators a training step issues, eager against ``train.compile``: a GPU step's host work, counted on CPU.
+"""Operators a training step issues, a baseline against a variant (``train.compile``): a GPU step's host work, counted on CPU.
 
     python scripts/bench_ops.py                    # the tiny model at the published depth, batch 1 and 8
     python scripts/bench_ops.py --json out.json precision=bf16
+    python scripts/bench_ops.py train.fused_optimizer=false --variant train.fused_optimizer=true
 
 On the H200 a batch-1 bf16 step took 0.32 s for about 13 ms of arithmetic, and a decoding step
 was bound by the host (docs/benchmarks.md, "GPU measurements"): the time goes into issuing
@@ -9,16 +10,16 @@ operators. How many a step issues does not depend on the machine or on the width
 model, only on its depth and on the code path, so a CPU can count them. This builds the
 ``train`` recipe twice on the tiny model at the published depth and head counts
 (``model.tiny.FULL_DEPTH``: 32 decoder layers, 24 conformer blocks), once as configured (the
-baseline) and once with ``train.compile=true``, takes two warm-up steps of each batch size
+baseline) and once with ``--variant`` (default ``train.compile=true``), takes two warm-up steps of each batch size
 (compilation happens there), then profiles one more with ``torch.profiler``.
 
 Counted: top-level ATen operators, i.e. those not called by another ATen operator (a compiled
 region counts the operators its generated code still calls, such as ``mm``), by part of the
 step: **forward** (``loss.answer_loss_sum``), **backward** (autograd's threads and
 ``accelerator.backward``), **optimizer** (clipping, ``AdamW.step``, ``zero_grad``) and **other**
-(collate excluded). On CPU, AdamW loops over its tensors one by one; on a GPU it defaults to its
-multi-tensor (foreach) path, which issues a few dozen operators instead, so the optimizer row
-is a CPU figure.
+(collate excluded). Unfused (``train.fused_optimizer=false``), AdamW loops over its tensors one
+by one on CPU, while on a GPU it takes its multi-tensor (foreach) path, which issues a few dozen
+operators instead: that optimizer row is a CPU figure. Fused, it is one operator on both.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for both recipes")
     ap.add_argument("--tiny-depth", action="store_true", help="the 2-layer tiny model instead of the published depth")
+    ap.add_argument("--variant", nargs="+", default=["train.compile=true"], metavar="KEY=VALUE",
+                    help="what the second recipe changes (default train.compile=true); the first, the baseline, "
+                    "runs the overrides alone")
     ap.add_argument("--json", help="also write the counts to this file")
     args = ap.parse_args(argv)
     from phi4mm_lora.model.tiny import ensure_tiny
@@ -104,14 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         examples = build(base, Path(tmp) / "probe").examples[:8]
     by_batch = {1: examples[:1], 8: examples}
     res = {}
-    for label, extra in (("eager", "train.compile=false"), ("train.compile", "train.compile=true")):
+    for label, extra in (("baseline", []), (" ".join(args.variant), args.variant)):
         with tempfile.TemporaryDirectory(prefix="bench-ops-") as tmp:
-            res[label] = measure([*base, extra], by_batch, Path(tmp) / "run")
-    print(f"top-level ATen operators per training step; {model.name}; torch {torch.__version__}")
-    print("| batch | run | " + " | ".join(PARTS) + " | step | step x (eager = 1) | without optimizer x |")
+            res[label] = measure([*base, *extra], by_batch, Path(tmp) / "run")
+    print(f"top-level ATen operators per training step; {model.name}; torch {torch.__version__}; "
+          f"overrides: {' '.join(args.overrides) or '-'}")
+    print("| batch | run | " + " | ".join(PARTS) + " | step | step x (baseline = 1) | without optimizer x |")
     print("|---|---|" + "---|" * (len(PARTS) + 3))
     for n in by_batch:
-        e = res["eager"][n]
+        e = res["baseline"][n]
         for label in res:
             c = res[label][n]
             step, step_e = sum(c.values()), sum(e.values())

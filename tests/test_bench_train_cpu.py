@@ -69,6 +69,21 @@ def test_operator_count_splits_a_real_step_into_its_parts(tmp_path, tiny_native)
     assert eight["forward"] > one["forward"] and eight["optimizer"] == one["optimizer"]
 
 
+def test_fused_adamw_updates_every_tensor_in_fewer_operators(tmp_path, tiny_native):
+    """``train.fused_optimizer`` (the default) reaches torch's AdamW, whose step then issues far fewer
+    operators than the per-tensor loop: each of them is a launch on a GPU."""
+    from bench_ops import build, count_step
+
+    counts = {}
+    for fused in (False, True):
+        recipe = build([f"model.path={tiny_native}", f"train.fused_optimizer={str(fused).lower()}"], tmp_path / f"{fused}")
+        assert bool(recipe.optimizer.optimizer.defaults["fused"]) is fused
+        count_step(recipe, recipe.examples[:1])  # creates AdamW's state
+        counts[fused] = count_step(recipe, recipe.examples[:1])["optimizer"]
+    n = len(recipe.params)
+    assert counts[False] > 5 * n > counts[True], (counts, n)
+
+
 def test_padding_share_counts_the_recipes_own_batches(tmp_path, tiny_native):
     """``scripts/bench_padding.py``: the same examples grouped by length or not hold the same real
     tokens; grouping computes fewer positions."""

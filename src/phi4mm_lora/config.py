@@ -230,6 +230,12 @@ class TrainConfig(_Section):
         "elementwise work on a GPU. "
         "The first steps are slow while it compiles; numbers agree with eager to rounding.",
     )
+    fused_optimizer: bool = Field(
+        True,
+        description="AdamW fused (torch's fused=True): one kernel updates every trainable tensor, instead of a "
+        "pass per tensor (CPU) or per group of operations (CUDA's foreach). Same numbers to float32 rounding "
+        "(3e-8 after 6 steps of the tiny model). Not under FSDP or DeepSpeed, which shard the optimizer; printed.",
+    )
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
     save_every_steps: int | None = None

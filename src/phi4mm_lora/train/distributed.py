@@ -64,6 +64,15 @@ def is_fsdp(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def fused_optimizer_ok(accelerator: Any) -> bool:
+    """Whether AdamW may run fused (``train.fused_optimizer``: one kernel updates every trainable tensor).
+
+    Not under FSDP or DeepSpeed, which shard or replace the optimizer's parameters; elsewhere
+    (one process, DDP) torch's fused AdamW runs on CUDA and CPU tensors alike.
+    """
+    return not (is_fsdp(accelerator) or is_deepspeed(accelerator))
+
+
 def is_deepspeed(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
