@@ -49,7 +49,8 @@ def main() -> None:
                          "(model.tiny.FULL_DEPTH), a CPU stand-in for a GPU step's host work")
     ap.add_argument("--data", default=None, help="data path (default: the bundled corpus)")
     ap.add_argument("--splits", nargs="+", default=["train", "test"])
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=16,
+                    help="prompts per batch, or auto (eval.batch_size=auto: the largest the GPU's free memory holds)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="cap on the per-task budgets")
     ap.add_argument("--precision", default="auto", help="precision plan (default auto: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -104,6 +105,12 @@ def main() -> None:
         exs, _ = build_examples(cfg.data, cfg.prompts, split, audio_token=loaded.processor.audio_token, seed=cfg.seed)
         examples += exs
     utts = len({(e.split, e.utt_id) for e in examples})
+    if args.batch_size == "auto":
+        from phi4mm_lora.evaluate.batch_size import resolve_batch_size
+
+        args.batch_size, how = resolve_batch_size("auto", loaded.model, loaded.processor.tokenizer, examples,
+                                                  cfg.eval.max_new_tokens)
+        print(f"--batch-size {how}")
     # warm-up (first-call allocations, lazy imports), not timed
     generate_all(loaded.model, loaded.processor, examples[:2], batch_size=2, max_new_tokens=2, progress=False)
 

@@ -13,6 +13,8 @@
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
+#     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
+#              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #
 # A 15-minute lease fits two calls, e.g. `ckpt attention eval score compare cache` then, with what is left,
 # `compile`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
@@ -65,6 +67,9 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
   attention) run attention 60 bash -c "python3 scripts/bench_attention.py --json $RES/attention-b32.json &&
       python3 scripts/bench_attention.py --batch 8 --keys 500 --json $RES/attention-b8.json" ;;
+  auto) run auto 240 bash -c "python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
+      --batch-size 32 --json $RES/auto-b32.json && python3 scripts/bench_eval.py --model $CK --precision bf16 \
+      --splits train test --batch-size auto --json $RES/auto.json" ;;
   *) echo "unknown step: $step"; exit 2 ;;
 esac; done
 log "done"; pack

@@ -1,7 +1,8 @@
 """``scripts/bench_eval.py`` runs end to end on the tiny model (it runs on a lent GPU, where a
 broken script costs device time): ``--compare`` measures the four runs on the same examples
 and counts operators per decoding step, which merging the adapter must lower (the LoRA
-products are folded into the weights)."""
+products are folded into the weights), and per prompt's preparation; ``--batch-size auto`` is
+chosen as evaluate chooses it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compare_runs_and_counts_operators(tmp_path: Path, tiny_native: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
-                           "--splits", "test", "--limit", "1", "--batch-size", "2", "--max-new-tokens", "4",
+                           "--splits", "test", "--limit", "1", "--batch-size", "auto", "--max-new-tokens", "4",
                            "--compare", "--batch1-limit", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -25,3 +26,5 @@ def test_compare_runs_and_counts_operators(tmp_path: Path, tiny_native: Path) ->
     assert all(r["failures"] == 0 and r["examples"] >= 1 and r["ms_per_decode_step"] > 0 for r in runs.values())
     assert 0 < runs["merged"]["aten_ops_per_step"] < runs["baseline"]["aten_ops_per_step"]
     assert "extrapolated" in proc.stdout or "would take" in proc.stdout
+    assert "--batch-size auto: 8 (no GPU" in proc.stdout  # as evaluate chooses it
+    assert all(r["aten_ops_per_prep"] > 0 for r in runs.values())

@@ -77,14 +77,16 @@ def test_evaluate_twice_with_comparison(tmp_path: Path, tiny_native: Path, train
     assert "Acc PCC" in out and "parse failures apa" in out
 
     rc = main(["evaluate", "--model", str(tiny_native), "--adapter", str(trained_adapter), "--limit", "3",
-               "--output", str(new_out), "--compare", str(base_out), "--no-progress", *SMALL])
+               "--output", str(new_out), "--compare", str(base_out), "--no-progress", *SMALL, "eval.batch_size=auto"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "delta" in out
+    assert "batch 8, auto: 8 (no GPU" in out  # the choice is printed
     report = (new_out / "report.md").read_text()
     assert "## base vs" in report and "| delta |" in report and "unparseable apa" in report
     meta = json.loads((new_out / "run.json").read_text())
     assert meta["adapter"] == str(trained_adapter / "adapter") and meta["adapter_mode"] == "fresh"
+    assert meta["batch_size"] == 8 and meta["batch_size_auto"].startswith("auto: 8")
     new_records = load_predictions(new_out / "predictions.jsonl")
     assert json.loads(json.dumps(compute_all(new_records))) == json.loads((new_out / "results.json").read_text())
     assert [r["raw"] for r in new_records] != [r["raw"] for r in records], "the adapter had no effect"

@@ -121,8 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from phi4mm_lora.model.provenance import provenance_line
 
     console.print(f"produced by: {provenance_line(meta['provenance'])}", soft_wrap=True, highlight=False)
+    auto = f", {meta['batch_size_auto']}" if meta.get("batch_size_auto") else ""
     console.print(f"{meta['examples']} examples in {meta['generation_seconds']} s "
-                  f"({meta['examples_per_second']} examples/s); report: {out / 'report.md'}")
+                  f"({meta['examples_per_second']} examples/s; batch {meta['batch_size']}{auto}); "
+                  f"report: {out / 'report.md'}", soft_wrap=True, highlight=False)
     return 0
 
 

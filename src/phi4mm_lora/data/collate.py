@@ -187,6 +187,13 @@ def estimate_length(ex: Example, tokenizer: Any | None = None) -> int:
     return n_text + n_audio
 
 
+def longest_tokens(examples: Sequence[Example], tokenizer: Any, candidates: int = 16) -> int:
+    """Tokens of the longest example: the rough estimate (no tokenizer) picks the ``candidates``
+    longest, the tokenizer counts their text (audio: one token per 80 ms). 0 for no examples."""
+    longest = sorted(examples, key=lambda ex: -estimate_length(ex))[:candidates]
+    return max((estimate_length(ex, tokenizer) for ex in longest), default=0)
+
+
 def batch_plan(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
     megabatch_mult: int = 16,

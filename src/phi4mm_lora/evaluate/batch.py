@@ -31,6 +31,7 @@ from phi4mm_lora.config import RunConfig
 from phi4mm_lora.data.audio import RECORDING_EXTS, AudioError, load_audio
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import split_words
+from phi4mm_lora.evaluate.batch_size import AUTO_MAX
 from phi4mm_lora.evaluate.parse import APA_KEYS
 from phi4mm_lora.evaluate.score import ScoreItem, score_batch
 from phi4mm_lora.model.run_folder import Run
@@ -230,7 +231,7 @@ def score_rows(cfg: RunConfig, loaded: Any | None, rows: list[Row], output: Path
 
     cfg, loaded = configure_and_load(cfg, run, loaded)
     extra = {"provenance": provenance(loaded, cfg), **(extra or {})}
-    chunk = chunk or max(1, cfg.eval.batch_size)
+    chunk = chunk or (cfg.eval.batch_size if isinstance(cfg.eval.batch_size, int) else AUTO_MAX // 2)
     max_seconds = cfg.data.max_audio_seconds
     writer = ResultWriter(output)
     results: list[dict[str, Any]] = []

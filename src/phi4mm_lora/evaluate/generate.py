@@ -20,7 +20,9 @@ Why it is shaped like this:
   (:mod:`~phi4mm_lora.evaluate.embed`: each recording goes through the encoder once).
 * A bad audio file, or a batch that fails inside the model, never stops the run: the
   example becomes a :class:`Generation` with ``error`` set, named by its id. A failing
-  batch is retried one example at a time so only the culprit is marked.
+  batch is retried one example at a time so only the culprit is marked; one that runs out
+  of GPU memory (``eval.batch_size=auto`` estimates, :mod:`~phi4mm_lora.evaluate.batch_size`)
+  is retried in halves.
 * ``eval.cache`` / ``eval.compile`` choose transformers' own KV cache and compile path
   (:func:`cache_options`); the answers are the same token ids with either cache (tested on the
   tiny model, batched and one at a time). ``eval.compile`` also compiles the audio encoder's
@@ -274,17 +276,25 @@ def generate_all(
 def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], cap: int,
                audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False,
                rows: AudioRows | None = None) -> list[Generation]:
-    """The batch at once; if the model fails on it, each example alone (culprits marked)."""
+    """The batch at once; if the model fails on it, each example alone (culprits marked). A batch
+    that runs out of GPU memory is split in halves instead: its rows were fine, the batch too big."""
     if not batch:
         return []
     try:
         return generate_batch(model, processor, batch, cap, audio, cache, compile, rows)
     except (KeyboardInterrupt, MemoryError):
         raise
+    except torch.OutOfMemoryError as exc:
+        if len(batch) == 1:
+            return [Generation(batch[0].id, batch[0].task, error=f"generation: out of memory: {exc}")]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        parts = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
     except Exception as exc:
         if len(batch) == 1:
             return [Generation(batch[0].id, batch[0].task, error=f"generation: {type(exc).__name__}: {exc}")]
-    return [g for ex in batch for g in _run_batch(model, processor, [ex], cap, audio, cache, compile, rows)]
+        parts = [[ex] for ex in batch]
+    return [g for part in parts for g in _run_batch(model, processor, part, cap, audio, cache, compile, rows)]
 
 
 def throughput(n: int, seconds: float) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 from phi4mm_lora.config import RunConfig, dump_config
 from phi4mm_lora.data.examples import Example, build_examples, with_audio_token
 from phi4mm_lora.errors import UserError
+from phi4mm_lora.evaluate.batch_size import resolve_batch_size
 from phi4mm_lora.evaluate.generate import Generation, generate_all, max_tokens_for
 from phi4mm_lora.evaluate.metrics import compute_all
 from phi4mm_lora.evaluate.parse import parse_for_task
@@ -107,8 +108,9 @@ def configure_and_load(cfg: RunConfig, run: Run | str | Path | None = None,
 def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for ``examples`` and turn the answers into records; also timing figures."""
+    size, how = resolve_batch_size(cfg.eval.batch_size, model, processor.tokenizer, examples, cfg.eval.max_new_tokens)
     t0 = time.perf_counter()
-    gens = generate_all(model, processor, examples, batch_size=cfg.eval.batch_size,
+    gens = generate_all(model, processor, examples, batch_size=size,
                         max_new_tokens=cfg.eval.max_new_tokens, progress=progress,
                         cache=cfg.eval.cache, compile=cfg.eval.compile)
     seconds = time.perf_counter() - t0
@@ -120,7 +122,8 @@ def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
         "examples_per_second": round(len(examples) / seconds, 3) if seconds > 0 else None,
         "generated_tokens": sum(g.n_tokens for g in gens),
         "max_new_tokens": {t: max_tokens_for(t, cfg.eval.max_new_tokens) for t in tasks},
-        "batch_size": cfg.eval.batch_size,
+        "batch_size": size,
+        **({"batch_size_auto": how} if how else {}),
     }
     return records, timing
 

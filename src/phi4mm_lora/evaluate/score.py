@@ -31,6 +31,7 @@ from phi4mm_lora.data.examples import Example
 from phi4mm_lora.data.prompts import load_instruction, user_prompt
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.evaluate.align import canonical_words, feedback_from_answer
+from phi4mm_lora.evaluate.batch_size import resolve_batch_size
 from phi4mm_lora.evaluate.generate import generate_all
 from phi4mm_lora.evaluate.parse import APA_KEYS, parse_apa
 from phi4mm_lora.model.run_folder import Run
@@ -272,7 +273,9 @@ def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
     t1 = time.perf_counter()
     examples = task_examples(cfg, items, loaded.processor.audio_token)
     decoded = {ex.id: items[int(ex.utt_id)].samples for ex in examples if items[int(ex.utt_id)].samples is not None}
-    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=cfg.eval.batch_size,
+    size, _how = resolve_batch_size(cfg.eval.batch_size, loaded.model, loaded.processor.tokenizer, examples,
+                                    cfg.eval.max_new_tokens)
+    gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=size,
                                           max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded,
                                           cache=cfg.eval.cache, compile=cfg.eval.compile)}
     prov = provenance(loaded, cfg)

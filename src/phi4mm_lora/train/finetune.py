@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from phi4mm_lora.config import RunConfig, dump_config
-from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length
+from phi4mm_lora.data.collate import Collator, batch_plan, estimate_length, longest_tokens
 from phi4mm_lora.errors import UserError
 from phi4mm_lora.model import blocks
 from phi4mm_lora.train import checkpoint as ckpt
@@ -408,7 +408,7 @@ class FinetuneRecipe:
         available = memory_plan.device_memory(acc.device)
         self.plan = memory_plan.choose_plan(
             memory_plan.footprint(self.model, self.loaded.plan.dtype), batch_size=tc.batch_size,
-            grad_accum=tc.grad_accum, longest_tokens=self._longest_tokens(),
+            grad_accum=tc.grad_accum, longest_tokens=longest_tokens(self.examples, self.processor.tokenizer),
             available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
 
@@ -426,12 +426,6 @@ class FinetuneRecipe:
         blocks.compile_each([*layers, *audio])
         self.say(f"compile: torch.compile on {len(layers)} decoder layers and {len(audio)} audio encoder blocks "
                  "(the first steps compile)")
-
-    def _longest_tokens(self, candidates: int = 16) -> int:
-        """Tokens of the longest training example: the rough estimate picks the candidates, the
-        tokenizer counts their text (audio: one token per 80 ms)."""
-        longest = sorted(range(len(self.examples)), key=lambda i: -self.lengths[i])[:candidates]
-        return max(estimate_length(self.examples[i], self.processor.tokenizer) for i in longest)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
