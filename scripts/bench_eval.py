@@ -41,7 +41,7 @@ import platform
 import time
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the tiny test model)")
     ap.add_argument("--full-depth", action="store_true",
@@ -67,112 +67,139 @@ def main() -> None:
                     help="baseline (dynamic cache) against eval.cache=static and static + eval.compile, as ratios")
     ap.add_argument("--profile", action="store_true",
                     help="also run the first batch under torch.profiler and print its top operators")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.compare and args.cache_variants:
         ap.error("--compare and --cache-variants are two separate runs; give one")
+    return args
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from phi4mm_lora.config import load_config
-    from phi4mm_lora.data.examples import build_examples
-    from phi4mm_lora.evaluate.generate import generate_all
-    from phi4mm_lora.model.inference import merge_for_inference
-    from phi4mm_lora.model.load import load_model
+class Bench:
+    """The loaded model and examples every run of one invocation measures, and their answers."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from phi4mm_lora.config import load_config
+        from phi4mm_lora.data.examples import build_examples
+        from phi4mm_lora.evaluate.generate import generate_all
+        from phi4mm_lora.model.inference import merge_for_inference
+        from phi4mm_lora.model.load import load_model
+
+        self.args, self.cfg = args, load_config(None, config_overrides(args))
+        t0 = time.perf_counter()
+        self.loaded = load_model(self.cfg.model, self.cfg.precision, self.cfg.adapter)
+        if not args.compare:  # what evaluate runs: merged where the plan allows
+            self.loaded = merge_for_inference(self.loaded, self.cfg.eval.merge_adapter)
+        self.load_s = time.perf_counter() - t0
+        self.examples = [ex for split in args.splits for ex in build_examples(
+            self.cfg.data, self.cfg.prompts, split, audio_token=self.loaded.processor.audio_token, seed=self.cfg.seed)[0]]
+        self.utts = len({(e.split, e.utt_id) for e in self.examples})
+        self.max_new = self.cfg.eval.max_new_tokens
+        if args.batch_size == "auto":
+            from phi4mm_lora.evaluate.batch_size import resolve_batch_size
+
+            args.batch_size, how = resolve_batch_size("auto", self.loaded.model, self.loaded.processor.tokenizer,
+                                                      self.examples, self.max_new)
+            print(f"--batch-size {how}")
+        # warm-up (first-call allocations, lazy imports), not timed
+        generate_all(self.loaded.model, self.loaded.processor, self.examples[:2], batch_size=2, max_new_tokens=2,
+                     progress=False)
+        self.answers: dict[str, list] = {}
+
+    def measure(self, label: str, batch_size: int, exs: list | None = None, **options) -> dict:
+        """One run's figures (:func:`run`), plus operator counts for --compare and --cache-variants."""
+        args, loaded = self.args, self.loaded
+        fig = run(loaded, exs or self.examples, batch_size, self.max_new, args.full_examples, **options)
+        self.answers[label] = fig.pop("answers")
+        merged = loaded.merge is not None and loaded.merge.merged
+        ops = ops_per_step(loaded, self.examples[0], **options) if args.compare or args.cache_variants else {}
+        return {"run": label, "adapter_merged": merged, **fig, **ops}
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The run config the options describe (``--full-depth`` builds its model on first use)."""
     over = [f"eval.batch_size={args.batch_size}", f"eval.max_new_tokens={args.max_new_tokens}",
             f"precision={args.precision}"]
     if args.full_depth and not args.model:
         from phi4mm_lora.model.tiny import ensure_tiny
 
         args.model = str(ensure_tiny(full_depth=True))
-    if args.model:
-        over.append(f"model.path={args.model}")
-    if args.data:
-        over.append(f"data.path={args.data}")
-    if args.limit:
-        over.append(f"data.limit={args.limit}")
-    cfg = load_config(None, over)
-    t0 = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.precision, cfg.adapter)
-    if not args.compare:  # what evaluate runs: merged where the plan allows
-        loaded = merge_for_inference(loaded, cfg.eval.merge_adapter)
-    load_s = time.perf_counter() - t0
-    examples = []
-    for split in args.splits:
-        exs, _ = build_examples(cfg.data, cfg.prompts, split, audio_token=loaded.processor.audio_token, seed=cfg.seed)
-        examples += exs
-    utts = len({(e.split, e.utt_id) for e in examples})
-    if args.batch_size == "auto":
-        from phi4mm_lora.evaluate.batch_size import resolve_batch_size
+    over += [f"{key}={value}" for key, value in (("model.path", args.model), ("data.path", args.data),
+                                                 ("data.limit", args.limit)) if value]
+    return over
 
-        args.batch_size, how = resolve_batch_size("auto", loaded.model, loaded.processor.tokenizer, examples,
-                                                  cfg.eval.max_new_tokens)
-        print(f"--batch-size {how}")
-    # warm-up (first-call allocations, lazy imports), not timed
-    generate_all(loaded.model, loaded.processor, examples[:2], batch_size=2, max_new_tokens=2, progress=False)
 
-    answers: dict[str, list] = {}
-
-    def measure(label: str, batch_size: int, exs: list | None = None, **options) -> dict:
-        fig = run(loaded, exs or examples, batch_size, cfg.eval.max_new_tokens, args.full_examples, **options)
-        answers[label] = fig.pop("answers")
-        merged = loaded.merge is not None and loaded.merge.merged
-        ops = ops_per_step(loaded, examples[0], **options) if args.compare or args.cache_variants else {}
-        return {"run": label, "adapter_merged": merged, **fig, **ops}
-
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    bench = Bench(args)
     if args.cache_variants:
-        runs = cache_variants(measure, loaded, examples, args.batch_size, cfg.eval.max_new_tokens)
-        for r in runs:
-            r["same_answers_as_baseline"] = answers[r["run"]] == answers[runs[0]["run"]]
-        print_runs(runs, utts, args.full_examples)
-        print(ratio_table(runs, CACHE_RATIO_KEYS))
-        for r in runs[1:]:
-            print(f"{r['run']}: answers {'identical to' if r['same_answers_as_baseline'] else 'DIFFERENT from'} "
-                  f"the baseline's ({r['examples']} examples)")
-        print(f"prefill logits_to_keep (set by transformers' generate): {runs[0]['prefill_logits_to_keep']}")
-        host = host_work(loaded, args.batch_size)
-        print(f"per-step host work inside generate, each timed alone at batch {args.batch_size} (median ms): "
-              + ", ".join(f"{k} {v}" for k, v in host.items())
-              + f"; measured gap between two decoder forwards (baseline): {runs[0]['other_ms_per_step']} ms")
-        emit({**machine_figures(loaded), "examples": len(examples), "runs": runs, "host_work_ms": host}, args.json)
-        return
-    runs = [measure("baseline" if args.compare else "run", args.batch_size)]
+        return report_cache_variants(bench)
+    runs = [bench.measure("baseline" if args.compare else "run", args.batch_size)]
     if args.compare:
-        few = first_per_task(examples, args.batch1_limit)
-        runs.append(measure("batch 1", 1, few))
-        before, base = last_logits(loaded, examples[:4]), last_logits(loaded, examples[:4], adapter=False)
-        loaded = merge_for_inference(loaded, True)
-        if loaded.merge.merged:
-            runs.append(measure("merged", args.batch_size))
-            runs.append(measure("merged, batch 1", 1, few))
-            diff = (last_logits(loaded, examples[:4]) - before).abs().max().item()
-            effect = (before - base).abs().max().item()
-            print(f"merged vs unmerged, last-position logits of 4 prompts ({loaded.plan.name}): max |diff| {diff:.3g}; "
-                  f"the adapter itself moves them by up to {effect:.3g}; |logits| up to {before.abs().max().item():.3g}")
-            runs[-1]["merge_logits_max_abs_diff"] = diff
-        else:
-            print(f"merged runs skipped: {loaded.merge.reason}")
+        runs += compare_runs(bench)
+    loaded = bench.loaded
     figures = {
         **machine_figures(loaded),
         "splits": args.splits,
-        "utterances": utts,
-        "examples": len(examples),
-        "model_load_s": round(load_s, 2),
+        "utterances": bench.utts,
+        "examples": len(bench.examples),
+        "model_load_s": round(bench.load_s, 2),
         "merge_note": loaded.merge.reason if loaded.merge is not None else None,
         "runs": runs,
     }
-    print_runs(runs, utts, args.full_examples)
-    print(f"model load {load_s:.1f} s")
+    print_runs(runs, bench.utts, args.full_examples)
+    print(f"model load {bench.load_s:.1f} s")
     if args.compare:
         print(ratio_table(runs))
     emit(figures, args.json)
     if args.profile:
         from phi4mm_lora.evaluate.generate import batches_for
 
-        profile_batch(loaded, batches_for(loaded.model, examples, args.batch_size)[0], cfg.eval.max_new_tokens)
+        profile_batch(loaded, batches_for(loaded.model, bench.examples, args.batch_size)[0], bench.max_new)
+
+
+def compare_runs(bench: Bench) -> list[dict]:
+    """--compare after the baseline: unmerged at batch 1, then merged (in place) at both sizes."""
+    from phi4mm_lora.model.inference import merge_for_inference
+
+    args, examples = bench.args, bench.examples
+    few = first_per_task(examples, args.batch1_limit)
+    runs = [bench.measure("batch 1", 1, few)]
+    before, base = last_logits(bench.loaded, examples[:4]), last_logits(bench.loaded, examples[:4], adapter=False)
+    bench.loaded = loaded = merge_for_inference(bench.loaded, True)
+    if not loaded.merge.merged:
+        print(f"merged runs skipped: {loaded.merge.reason}")
+        return runs
+    runs.append(bench.measure("merged", args.batch_size))
+    runs.append(bench.measure("merged, batch 1", 1, few))
+    diff = (last_logits(loaded, examples[:4]) - before).abs().max().item()
+    effect = (before - base).abs().max().item()
+    print(f"merged vs unmerged, last-position logits of 4 prompts ({loaded.plan.name}): max |diff| {diff:.3g}; "
+          f"the adapter itself moves them by up to {effect:.3g}; |logits| up to {before.abs().max().item():.3g}")
+    runs[-1]["merge_logits_max_abs_diff"] = diff
+    return runs
+
+
+def report_cache_variants(bench: Bench) -> None:
+    """--cache-variants: the three runs, their ratios, whether answers agree, and generate's host work."""
+    args, loaded = bench.args, bench.loaded
+    runs = cache_variants(bench.measure, loaded, bench.examples, args.batch_size, bench.max_new)
+    for r in runs:
+        r["same_answers_as_baseline"] = bench.answers[r["run"]] == bench.answers[runs[0]["run"]]
+    print_runs(runs, bench.utts, args.full_examples)
+    print(ratio_table(runs, CACHE_RATIO_KEYS))
+    for r in runs[1:]:
+        print(f"{r['run']}: answers {'identical to' if r['same_answers_as_baseline'] else 'DIFFERENT from'} "
+              f"the baseline's ({r['examples']} examples)")
+    print(f"prefill logits_to_keep (set by transformers' generate): {runs[0]['prefill_logits_to_keep']}")
+    host = host_work(loaded, args.batch_size)
+    print(f"per-step host work inside generate, each timed alone at batch {args.batch_size} (median ms): "
+          + ", ".join(f"{k} {v}" for k, v in host.items())
+          + f"; measured gap between two decoder forwards (baseline): {runs[0]['other_ms_per_step']} ms")
+    emit({**machine_figures(loaded), "examples": len(bench.examples), "runs": runs, "host_work_ms": host}, args.json)
 
 
 def first_per_task(examples: list, n: int | None) -> list:
