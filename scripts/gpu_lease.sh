@@ -16,7 +16,7 @@
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #
-# A 15-minute lease fits two calls, e.g. `ckpt attention eval score compare cache` then, with what is left,
+# A 15-minute lease fits two calls, e.g. `ckpt attention eval auto score cache` then, with what is left,
 # `compile`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
