@@ -433,8 +433,8 @@ class FinetuneRecipe:
         tc = self.tc
         fused = tc.fused_optimizer and distributed.fused_optimizer_ok(self.accelerator)
         optimizer = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
-        self.say(f"optimizer: AdamW, {'fused (one kernel per step for all' if fused else 'per tensor (for each of the'} "
-                 f"{len(self.params)} trainable tensors)")
+        how = "fused: one kernel updates them all" if fused else "unfused (train.fused_optimizer=false, or FSDP/DeepSpeed)"
+        self.say(f"optimizer: AdamW over {len(self.params)} trainable tensors, {how}")
         self.scheduler = get_scheduler(tc.scheduler, optimizer, num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
         # The scheduler is not prepared: accelerate would step it once per process.
