@@ -14,7 +14,8 @@ limits the batch is memory. Per row, :func:`bytes_per_row` counts:
 * the last position's logits, copied to float32 by ``generate`` (twice the vocabulary).
 
 The choice fills at most :data:`MARGIN` of the free memory, is a multiple of 8, at most
-:data:`AUTO_MAX`, and no larger than the largest task's number of examples. On a CPU a step costs
+:data:`AUTO_MAX`, and no larger than the number of prompts (scoring one recording: 2, so that its
+two tasks can share a batch on a GPU, :func:`~phi4mm_lora.evaluate.generate.plan_batches`). On a CPU a step costs
 in proportion to its rows, so ``auto`` means :data:`AUTO_CPU` there. Should the estimate still
 be too large, a batch that runs out of GPU memory is split in halves
 (:func:`phi4mm_lora.evaluate.generate.generate_all`), so the answers stay the same.
@@ -22,7 +23,6 @@ be too large, a batch that runs out of GPU memory is split in halves
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,12 +57,12 @@ def bytes_per_row(config: Any, positions: int, dtype_bytes: int) -> int:
     return kv_cache_bytes(config, positions, dtype_bytes) + prefill + scores + logits
 
 
-def auto_batch_size(available: float, per_row: int, largest_task: int) -> int:
+def auto_batch_size(available: float, per_row: int, prompts: int) -> int:
     """Rows that fit :data:`MARGIN` of ``available`` bytes: a multiple of 8 (when 8 fit), at most
-    :data:`AUTO_MAX` and ``largest_task``, at least 1."""
+    :data:`AUTO_MAX` and ``prompts``, at least 1."""
     n = int(available * MARGIN // per_row)
     n = n - n % 8 if n >= 8 else n
-    return max(1, min(n, AUTO_MAX, max(largest_task, 1)))
+    return max(1, min(n, AUTO_MAX, max(prompts, 1)))
 
 
 def free_memory(device: torch.device) -> float:
@@ -84,8 +84,7 @@ def resolve_batch_size(setting: int | str, model: torch.nn.Module, tokenizer: An
     dtype_bytes = weights.element_size() if weights.is_floating_point() else 2
     per_row = bytes_per_row(model.config, positions, dtype_bytes)
     available = free_memory(weights.device)
-    largest = max(Counter(ex.task for ex in examples).values(), default=1)
-    n = auto_batch_size(available, per_row, largest)
+    n = auto_batch_size(available, per_row, len(examples))
     return n, (f"auto: {n} ({available / 2**30:.1f} GiB free on the GPU, ~{per_row / 2**20:.0f} MiB per row "
                f"at {positions} positions)")
 
