@@ -153,6 +153,16 @@ def _empty_component() -> dict[str, Any]:
     return {"params": 0, "trainable": 0, "dtypes": {}, "quantised_modules": 0, "bytes": 0}
 
 
+def _tally(row: dict[str, Any], n: int, nbytes: int, dtype: str, trainable_key: str | None) -> None:
+    """One parameter tensor into a component's or an adapter's row (``trainable_key``: where its
+    count goes when it trains, None when it does not)."""
+    row["params"] += n
+    row["bytes"] += nbytes
+    row["dtypes"][dtype] = row["dtypes"].get(dtype, 0) + n
+    if trainable_key:
+        row[trainable_key] += n
+
+
 def _tied(model: torch.nn.Module) -> bool:
     try:
         return model.get_input_embeddings().weight is model.get_output_embeddings().weight
@@ -193,23 +203,14 @@ def model_report(loaded: Any) -> dict[str, Any]:
                 {"tensors": 0, "params": 0, "trainable_tensors": 0, "trainable_params": 0, "dtypes": {}, "quantised_modules": 0, "bytes": 0},
             )
             a["tensors"] += 1
-            a["params"] += n
-            a["bytes"] += b
-            a["dtypes"][_dtype_name(p)] = a["dtypes"].get(_dtype_name(p), 0) + n
-            if p.requires_grad:
-                a["trainable_tensors"] += 1
-                a["trainable_params"] += n
+            a["trainable_tensors"] += int(p.requires_grad)
+            _tally(a, n, b, _dtype_name(p), "trainable_params" if p.requires_grad else None)
             if not p.is_meta and p.is_floating_point():
                 is_zero = bool(torch.count_nonzero(p.detach()) == 0)
                 key = zero_b if lora[1].endswith("B") else zero_a
                 key[lora[2]] = key.get(lora[2], True) and is_zero
             continue
-        c = components[component_of(name)]
-        c["params"] += n
-        c["bytes"] += b
-        c["dtypes"][_dtype_name(p)] = c["dtypes"].get(_dtype_name(p), 0) + n
-        if p.requires_grad:
-            c["trainable"] += n
+        _tally(components[component_of(name)], n, b, _dtype_name(p), "trainable" if p.requires_grad else None)
 
     quantised: list[str] = []
     for name, module in model.named_modules():
@@ -336,6 +337,44 @@ def _meta_model(config, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _count_full_size(peft: torch.nn.Module, plan: PrecisionPlan, to_quantise: set[str],
+                     shapes: dict[str, tuple[int, int]], loaded_adapters: set[str]) -> tuple[dict, dict, dict[str, int]]:
+    """Per component and per adapter rows of the meta model under ``plan``, and the totals.
+
+    A quantised weight counts its packed bytes; an adapter that this config does not load counts
+    its parameters but no bytes; a trainable tensor adds its gradient and AdamW's state.
+    """
+    components = {c: _empty_component() for c in COMPONENTS}
+    adapters: dict[str, dict[str, Any]] = {}
+    sums = dict.fromkeys(("total", "trainable", "weight", "grad", "opt"), 0)
+    for pname, p in peft.named_parameters():
+        n = p.numel()
+        module = _inner(pname).rsplit(".", 1)[0]
+        if module in to_quantise and pname.endswith(".weight"):
+            dtype = plan.quant
+            b = nf4_bytes(n) if plan.quant == "nf4" else int8_bytes(*shapes[module])
+        else:
+            dtype, b = str(p.dtype).replace("torch.", ""), n * p.element_size()
+        adapter = lora_adapter(pname)
+        if adapter and adapter not in loaded_adapters:
+            b = 0  # in the checkpoint, not loaded by this config
+        sums["total"] += n
+        sums["weight"] += b
+        if p.requires_grad:
+            sums["trainable"] += n
+            sums["grad"] += n * p.element_size()
+            sums["opt"] += optimizer_bytes(n, p.dtype)
+        if adapter:
+            row = adapters.setdefault(adapter, {"tensors": 0, "params": 0, "trainable_params": 0, "dtypes": {}, "bytes": 0})
+            row["tensors"] += 1
+            _tally(row, n, b, dtype, "trainable_params" if p.requires_grad else None)
+        else:
+            _tally(components[component_of(pname)], n, b, dtype, "trainable" if p.requires_grad else None)
+    for q in to_quantise:
+        components[component_of(q)]["quantised_modules"] += 1
+    return components, adapters, sums
+
+
 def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[str, Any]:
     """Exact parameter counts and memory of the full-size model under ``precision``, on meta.
 
@@ -365,44 +404,8 @@ def architecture_report(precision: str, adapter_cfg=None, config=None) -> dict[s
         peft, state = attach_adapters(base, adapter_cfg.model_copy(update={"keep_unused": True}), pretrained, lora_dtype=plan.lora_dtype)
     loaded_adapters = set(state.active) | {state.trainable_adapter} | (set(state.names) if adapter_cfg.keep_unused else set())
 
-    components = {c: _empty_component() for c in COMPONENTS}
-    adapters: dict[str, dict[str, Any]] = {}
-    total = trainable = weight_b = opt_b = grad_b = 0
-    for pname, p in peft.named_parameters():
-        n = p.numel()
-        module = _inner(pname).rsplit(".", 1)[0]
-        if module in to_quantise and pname.endswith(".weight"):
-            dtype = plan.quant
-            b = nf4_bytes(n) if plan.quant == "nf4" else int8_bytes(*shapes[module])
-        else:
-            dtype = str(p.dtype).replace("torch.", "")
-            b = n * p.element_size()
-        adapter = lora_adapter(pname)
-        total += n
-        if adapter and adapter not in loaded_adapters:
-            b = 0  # in the checkpoint, not loaded by this config
-        weight_b += b
-        if p.requires_grad:
-            trainable += n
-            grad_b += n * p.element_size()
-            opt_b += optimizer_bytes(n, p.dtype)
-        if adapter:
-            a = adapters.setdefault(adapter, {"tensors": 0, "params": 0, "trainable_params": 0, "dtypes": {}, "bytes": 0})
-            a["tensors"] += 1
-            a["params"] += n
-            a["bytes"] += b
-            a["dtypes"][dtype] = a["dtypes"].get(dtype, 0) + n
-            if p.requires_grad:
-                a["trainable_params"] += n
-            continue
-        c = components[component_of(pname)]
-        c["params"] += n
-        c["bytes"] += b
-        c["dtypes"][dtype] = c["dtypes"].get(dtype, 0) + n
-        if p.requires_grad:
-            c["trainable"] += n
-    for q in to_quantise:
-        components[component_of(q)]["quantised_modules"] += 1
+    components, adapters, sums = _count_full_size(peft, plan, to_quantise, shapes, loaded_adapters)
+    total, trainable, weight_b, grad_b, opt_b = (sums[k] for k in ("total", "trainable", "weight", "grad", "opt"))
     for k, a in adapters.items():
         a["trainable"] = a["trainable_params"] > 0
         a["active"] = k in state.active
