@@ -197,10 +197,15 @@ def test_training_run_with_epoch_eval_then_evaluate(tmp_path: Path, tiny_native:
     cfg = load_config(None, [f"model.path={tiny_native}", f"output_dir={run}", "data.limit=2", "train.epochs=1",
                              "train.batch_size=2", "train.grad_accum=1", "train.lr=1e-3", "eval.subset=2",
                              "adapter.mode=fresh", "adapter.r=4", "train.gradient_checkpointing=false", *SMALL])
-    train(cfg, evaluate_fn=make_epoch_evaluator(cfg), progress=False)
+    result = train(cfg, evaluate_fn=make_epoch_evaluator(cfg), progress=False)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("type") == "eval"]
     assert len(evals) == 1 and evals[0]["parse_failures"] == 4 and "total_pcc" in evals[0]
+    # what evaluation cost, against the training around it (issue 11: at most 10% of an epoch)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_s"] == evals[0]["seconds"] > 0 and summary == json.loads(json.dumps(result.summary))
+    train_s = summary["eval_s"] / summary["eval_share"]
+    assert 0 < train_s < summary["wall_s"]
     assert (run / "eval" / "epoch-1" / "report.md").is_file()
     out = tmp_path / "ev"
     assert main(["evaluate", "--model", str(tiny_native), "--adapter", str(run), "--limit", "2",
