@@ -20,6 +20,9 @@ Gradient checkpointing per row: ``full``/``none`` (the earlier table's on/off), 
 ``auto``; the micro-batch is always ``auto`` (``train.micro_batch``): each row reports the memory
 plan the recipe chose (mode, micro-batch x passes, its estimate) from ``summary.json``.
 
+With ``--set eval.during_training=true --set eval.every_steps=N`` (N = ``--steps``, so that it
+runs after the timed steps) a row also reports what the evaluation during training took, and its
+share of a paper epoch (5,000 examples) at the row's rate: issue 11's target is at most 10%.
 Output: a JSON file and a markdown table (``--out DIR``), and the table on stdout.
 """
 
@@ -36,18 +39,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pronunciation-paper.yaml"
+#: One epoch of the paper recipe: Speechocean762's 2,500 training utterances x 2 tasks.
+EPOCH_EXAMPLES = 5000
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 CHILD = r"""
 import json, sys, time
 import torch
 from phi4mm_lora.config import load_config
+from phi4mm_lora.evaluate.run import make_epoch_evaluator
 from phi4mm_lora.train.finetune import train
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-result = train(cfg, progress=False, log=lambda m: None)
+evaluate_fn = make_epoch_evaluator(cfg) if cfg.eval.during_training else None  # as the train command does
+result = train(cfg, evaluate_fn=evaluate_fn, progress=False, log=lambda m: None)
 out = {"summary": result.summary, "wall_s": time.perf_counter() - t0}
 if torch.cuda.is_available():
     out["peak_alloc"] = torch.cuda.max_memory_allocated()
@@ -136,8 +143,14 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
                        peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
                        trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"],
                        memory_plan=r["summary"].get("memory_plan"))
+            if r["summary"].get("eval_s"):  # --set eval.during_training=true (issue 11: at most 10% of an epoch)
+                row.update(eval_s=r["summary"]["eval_s"],
+                           eval_share_of_epoch=r["summary"]["eval_s"] * st["examples_per_s"] / EPOCH_EXAMPLES)
         results.append(row)
         print(table_line(row), flush=True)
+        if row.get("eval_s"):
+            print(f"  evaluation during training: {row['eval_s']:.1f} s, {row['eval_share_of_epoch']:.1%} of a "
+                  f"{EPOCH_EXAMPLES:,}-example epoch at this row's rate", flush=True)
     return results
 
 

@@ -13,6 +13,8 @@
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
+#     evaltrain bench_gpu.py, bf16 batch 8 auto, with the paper config's evaluation during training after the 10
+#              timed steps: its seconds and share of an epoch (issue 11: at most 10%) (~90 s)
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #
@@ -67,6 +69,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
   attention) run attention 60 bash -c "python3 scripts/bench_attention.py --json $RES/attention-b32.json &&
       python3 scripts/bench_attention.py --batch 8 --keys 500 --json $RES/attention-b8.json" ;;
+  evaltrain) run evaltrain 180 python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 \
+      --out $RES/bench-gpu-eval --rows bf16:8:auto --set eval.during_training=true --set eval.every_steps=10 ;;
   auto) run auto 240 bash -c "python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
       --batch-size 32 --json $RES/auto-b32.json && python3 scripts/bench_eval.py --model $CK --precision bf16 \
       --splits train test --batch-size auto --json $RES/auto.json" ;;

@@ -46,8 +46,11 @@ def test_steady_state_recovers_per_step_time_from_cumulative_rates():
 
 def test_dry_run_measures_the_real_recipe_on_cpu(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=400)
+    # with evaluation during training after the timed steps, as the GPU lease measures issue 11's 10% target
+    evaluation = ["--set", "eval.during_training=true", "--set", "eval.every_steps=3", "--set", "eval.subset=1",
+                  "--set", "eval.max_new_tokens=2"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--out", str(out),
+                           *evaluation], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     assert [(r["plan"], r["batch"]) for r in report["rows"]] == [("fp32", 2), ("fp32", 1)]
@@ -55,12 +58,14 @@ def test_dry_run_measures_the_real_recipe_on_cpu(tmp_path):
         assert r["steps"] == 2 and r["s_per_step"] > 0 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["mfu"] is None  # no known peak FLOP/s for a CPU: never a made-up figure
         assert r["trainable_params"] > 0
+        assert r["eval_s"] > 0 and r["eval_share_of_epoch"] == pytest.approx(r["eval_s"] * r["examples_per_s"] / 5000)
         # the plan the recipe chose, per row: CPU has no memory limit, so auto is the fastest setting
         assert r["memory_plan"]["gradient_checkpointing"] == "none" and r["memory_plan"]["micro_batch"] == r["batch"]
     assert [r["memory_plan"]["mode_source"] for r in report["rows"]] == ["auto", "config"]
     md = (out / "bench.md").read_text()
     assert "| plan | grad ckpt | batch | steady s/step" in md and md.count("| fp32 |") == 2
     assert "| fp32 | auto -> none | 2 |" in md and "| fp32 | none | 1 |" in md
+    assert proc.stdout.count("evaluation during training: ") == 2
 
 
 def test_without_a_gpu_the_full_run_refuses_in_one_line(tmp_path):
@@ -81,6 +86,6 @@ def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
     documented = set(re.findall(r"^#     (\w+) ", text, flags=re.M))
     dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
     assert documented == dispatched == {"ckpt", "train", "compile", "parts", "eval", "score", "compare", "cache", "attention",
-                                        "auto"}
+                                        "auto", "evaltrain"}
     # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
     assert "-size -2M" in text and "res.tgz" in text
