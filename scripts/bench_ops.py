@@ -1,4 +1,4 @@
-"""Operators a training step issues, a baseline against a variant (``train.compile``): a GPU step's host work, counted on CPU.
+"""Operators a training step issues, a baseline against a variant: a GPU step's host work, counted on CPU.
 
     python scripts/bench_ops.py                    # the tiny model at the published depth, batch 1 and 8
     python scripts/bench_ops.py --json out.json precision=bf16
@@ -10,8 +10,8 @@ operators. How many a step issues does not depend on the machine or on the width
 model, only on its depth and on the code path, so a CPU can count them. This builds the
 ``train`` recipe twice on the tiny model at the published depth and head counts
 (``model.tiny.FULL_DEPTH``: 32 decoder layers, 24 conformer blocks), once as configured (the
-baseline) and once with ``--variant`` (default ``train.compile=true``), takes two warm-up steps of each batch size
-(compilation happens there), then profiles one more with ``torch.profiler``.
+baseline) and once with ``--variant`` (default ``train.compile=true``), takes two warm-up steps
+of each batch size (compilation happens there), then profiles one more with ``torch.profiler``.
 
 Counted: top-level ATen operators, i.e. those not called by another ATen operator (a compiled
 region counts the operators its generated code still calls, such as ``mm``), by part of the
