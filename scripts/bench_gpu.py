@@ -5,7 +5,7 @@
     python scripts/bench_gpu.py --dry-run            # tiny model on CPU: checks the harness (CI runs it)
 
 Each row is one subprocess that runs the project's own ``train`` (configs/pronunciation-paper.yaml,
-bundled corpus, grad_accum 1, no checkpoints, no evaluation) for ``--steps`` optimizer steps, so
+bundled corpus, grad_accum 1 unless ``--accum``, no checkpoints, no evaluation) for ``--steps`` optimizer steps, so
 nothing is special-cased for the benchmark. Steady state excludes the first ``--warmup`` steps:
 from ``metrics.jsonl``, whose cumulative ``examples_per_s`` gives the wall time at every step.
 
@@ -97,11 +97,11 @@ def steady_state(rows: list[dict], batch: int, warmup: int) -> dict:
 
 
 def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, device: str, out: Path,
-            extra: list[str] = ()) -> dict:
+            extra: list[str] = (), accum: int = 1) -> dict:
     from phi4mm_lora.data.examples import bundled_corpus_path
 
     run_dir = out / f"{plan}-b{batch}-gc-{gc}"
-    overrides = [f"precision={plan}", f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={steps}",
+    overrides = [f"precision={plan}", f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.max_steps={steps}",
                  "train.save_every_steps=null", "train.keep_checkpoints=null", "train.log_every_steps=1",
                  f"train.gradient_checkpointing={gc}", "train.micro_batch=auto", "eval.during_training=false",
                  f"data.path={bundled_corpus_path()}", f"output_dir={run_dir}", f"model.device={device}",
@@ -130,12 +130,12 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops()
     results = []
     for plan, batch, gc in args.rows:
-        r = run_row(model_path, plan, batch, gc, args.steps, device, out, args.extra)
+        r = run_row(model_path, plan, batch, gc, args.steps, device, out, args.extra, args.accum)
         row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
         if "error" in r:
             row["error"] = r["error"]
         else:
-            st = steady_state(r["rows"], batch, args.warmup)
+            st = steady_state(r["rows"], batch * args.accum, args.warmup)
             fpt = decoder_flops_per_token(config, r["summary"]["trainable_params"], st["tokens_per_example"],
                                           st["answer_share"])
             row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                    "every combination; default: the five rows of shared/docs/gpu-measurements.md)")
     p.add_argument("--rows", type=parse_rows, help="explicit rows in this order, PLAN:BATCH:GC comma-separated, "
                    "e.g. bf16:8:full,bf16:8:none (instead of --plans/--batches/--gc)")
+    p.add_argument("--accum", type=int, default=1,
+                   help="train.grad_accum of every row (default 1): with N > 1 an optimizer step is N batches, and "
+                   "--set train.micro_batch=M > the batch pools them into fewer passes")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override for every row, e.g. --set train.compile=true (repeatable)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8])
@@ -270,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = measure(args, model_path, device, args.out)
     report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
-              "overrides": args.extra,
+              "overrides": args.extra, "grad_accum": args.accum,
               "steps": args.steps, "warmup": args.warmup, "checkpoint_write_s": write_s,
               "total_s": time.perf_counter() - t0, "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     extra = f" Overrides: {' '.join(args.extra)}." if args.extra else ""
+    extra += f" grad_accum {args.accum}: a step is {args.accum} batches." if args.accum > 1 else ""
     md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.{extra}\n\n{HEADER}\n"
     md += "\n".join(table_line(r) for r in rows) + "\n"
     (args.out / "bench.md").write_text(md)

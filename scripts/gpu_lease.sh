@@ -15,11 +15,13 @@
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
 #     evaltrain bench_gpu.py, bf16 batch 8 auto, with the paper config's evaluation during training after the 10
 #              timed steps: its seconds and share of an epoch (issue 11: at most 10%) (~90 s)
+#     pool     bench_gpu.py, bf16, 8 x grad_accum 8 (the paper's step): micro-batch 8 (8 passes), then the step
+#              pooled into passes of 16 (none) and 64 (full checkpointing) (~150 s)
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #
 # A 15-minute lease fits two calls, e.g. `ckpt attention eval auto score cache` then, with what is left,
-# `compile`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
+# `compile pool evaltrain`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
@@ -71,6 +73,9 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       python3 scripts/bench_attention.py --batch 8 --keys 500 --json $RES/attention-b8.json" ;;
   evaltrain) run evaltrain 180 python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 \
       --out $RES/bench-gpu-eval --rows bf16:8:auto --set eval.during_training=true --set eval.every_steps=10 ;;
+  pool) run pool 240 bash -c "for m in 8:none 16:none 64:full; do python3 scripts/bench_gpu.py --checkpoint $CK \
+      --accum 8 --steps 3 --warmup 1 --out $RES/bench-gpu-pool-\${m%%:*} --rows bf16:8:\${m##*:} \
+      --set train.micro_batch=\${m%%:*}; done" ;;
   auto) run auto 240 bash -c "python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
       --batch-size 32 --json $RES/auto-b32.json && python3 scripts/bench_eval.py --model $CK --precision bf16 \
       --splits train test --batch-size auto --json $RES/auto.json" ;;

@@ -107,6 +107,28 @@ def test_micro_batch_sizes_and_the_split_keep_every_example_in_order():
     assert mp.split_batch([5, 1], 8) == [[5, 1]]
 
 
+def test_pooling_regroups_a_steps_examples_into_fewer_passes_longest_first():
+    lengths = [5, 90, 40, 70, 10, 60, 30, 80]
+    passes = mp.pool_step([[0, 1], [2, 3], [4, 5], [6, 7]], lengths, 3)
+    assert sorted(i for p in passes for i in p) == list(range(8))  # every example once
+    assert [len(p) for p in passes] == [3, 3, 2]  # as few passes as fit, sizes within one of each other
+    assert passes[0] == [1, 7, 3]  # the longest together: little padding
+    assert mp.passes_per_step(8, 8, 16) == 4 and mp.passes_per_step(8, 8, 4) == 16 and mp.passes_per_step(8, 1, 8) == 1
+    # what the recipe's loop runs: step 1 of an epoch of 4 batches of 2, 2 per step
+    from phi4mm_lora.train.finetune import step_micro_batches
+
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert step_micro_batches(batches, 1, 1, 0, 2, 4, lengths) == [[7, 5, 6, 4]]  # pooled, longest first
+    assert step_micro_batches(batches, 1, 1, 0, 2, 2, lengths) == [[4, 5], [6, 7]]  # not pooled: as planned
+    assert step_micro_batches(batches, 1, 2, 1, 1, 4, lengths) == [[6, 7]]  # one batch per process: nothing to pool
+    # set in the config: kept up to the step's examples; auto never pools (not measured on a GPU yet)
+    plan = mp.choose_plan(BF16, batch_size=8, grad_accum=8, longest_tokens=TOKENS, available=200e9, micro_batch=16)
+    assert (plan.micro_batch, plan.pooled, plan.as_dict()["passes_per_step"]) == (16, True, 4)
+    assert mp.choose_plan(BF16, batch_size=8, grad_accum=2, longest_tokens=TOKENS, available=None,
+                          micro_batch=100).micro_batch == 16
+    assert mp.choose_plan(BF16, batch_size=8, grad_accum=8, longest_tokens=TOKENS, available=200e9).micro_batch == 8
+
+
 def test_old_configs_still_load_and_resume():
     for old, new in ((True, "full"), (False, "none")):
         assert load_config(None, [f"train.gradient_checkpointing={str(old).lower()}"]).train.gradient_checkpointing == new
@@ -133,8 +155,9 @@ def _train(manifest, out, **extra):
     from phi4mm_lora.train.finetune import train
 
     lines: list[str] = []
-    overrides = small_overrides(manifest, out, train__batch_size=4, train__epochs=2, train__group_by_length=False,
-                                adapter__trainable="lora", train__lr=1e-4, **extra)
+    overrides = small_overrides(manifest, out, **{"train__batch_size": 4, "train__epochs": 2,
+                                                  "train__group_by_length": False, "adapter__trainable": "lora",
+                                                  "train__lr": 1e-4, **extra})
     result = train(load_config(None, overrides), progress=False, log=lines.append)
     return result, read_trained(result.adapter_dir), lines
 
@@ -168,6 +191,12 @@ def test_micro_batches_and_checkpointing_do_not_change_the_weights(manifest, tmp
         assert any(ln.startswith(f"memory plan: micro-batch {micro} x {4 // micro} pass(es)") for ln in lines)
         assert res.summary["steps"] == 2 and res.losses == pytest.approx(ref.losses, rel=1e-5)
         assert max_diff(w, w_ref) <= 1e-6  # measured: 7e-8 (micro 1, selective), 7e-9 (micro 2, full)
+    # two batches of 2 per step, pooled into one pass of 4 (longest first): the same step, the same weights
+    res, w, lines = _train(manifest, tmp_path / "pooled", train__batch_size=2, train__grad_accum=2,
+                           train__micro_batch=4, train__gradient_checkpointing="none")
+    assert res.summary["memory_plan"]["passes_per_step"] == 1 and res.summary["steps"] == 2
+    assert any("the 2 batches of 2 of each optimizer step pooled into 1 pass(es)" in ln for ln in lines), lines
+    assert res.losses == pytest.approx(ref.losses, rel=1e-5) and max_diff(w, w_ref) <= 1e-6
     assert max(float(v.abs().max()) for k, v in w_ref.items() if "lora_B" in k) > 1e-4  # it trained: 100 x the bound
 
 

@@ -122,10 +122,15 @@ def rank_batches(batches: list[list[int]], step: int, world: int, rank: int, acc
 
 
 def step_micro_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int,
-                       micro_batch: int) -> list[list[int]]:
+                       micro_batch: int, lengths: list[int] | None = None) -> list[list[int]]:
     """This process's micro-batches of step ``step``: its batches, each cut into passes of at most
-    ``micro_batch`` examples (``train.micro_batch``); the step's examples stay the same."""
-    return [m for b in rank_batches(batches, step, world, rank, accum) for m in memory_plan.split_batch(b, micro_batch)]
+    ``micro_batch`` examples (``train.micro_batch``), or, for a micro-batch larger than the batch,
+    pooled into passes by ``lengths`` (:func:`~phi4mm_lora.train.memory_plan.pool_step`); the
+    step's examples stay the same."""
+    mine = rank_batches(batches, step, world, rank, accum)
+    if mine and micro_batch > max(len(b) for b in mine) and lengths is not None and len(mine) > 1:
+        return memory_plan.pool_step(mine, lengths, micro_batch)
+    return [m for b in mine for m in memory_plan.split_batch(b, micro_batch)]
 
 
 def plot_losses(metrics_file: Path, out_png: Path, title: str = "training loss") -> Path:
@@ -496,7 +501,8 @@ class FinetuneRecipe:
         """This process's collated micro-batches of steps ``first..last-1`` of ``epoch``."""
         tc = self.tc
         mine = [b for s in range(first, last)
-                for b in step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch)]
+                for b in step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch,
+                                            self.lengths)]
         return torch.utils.data.DataLoader(_MicroBatches(self.examples, mine, self.collator), batch_size=None,
                                            num_workers=tc.num_workers, collate_fn=lambda b: b,
                                            # own generator: iter() must not draw from the global RNG,
@@ -519,7 +525,8 @@ class FinetuneRecipe:
             last = min(self.spe, first + self.total_steps - self.global_step)
             it = iter(self.epoch_loader(epoch, batches, first, last))
             for s in range(first, last):
-                n_micro = len(step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch))
+                n_micro = len(step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch,
+                                                 self.lengths))
                 micro = [_to_device(next(it), acc.device) for _ in range(n_micro)]
                 outcome = self.train_step(micro, epoch)
                 self.global_step += 1

@@ -145,9 +145,36 @@ def micro_batch_sizes(batch_size: int) -> list[int]:
     return sorted({math.ceil(batch_size / k) for k in range(1, batch_size + 1)}, reverse=True)
 
 
+def passes_per_step(batch_size: int, grad_accum: int, micro_batch: int) -> int:
+    """Forward/backward passes of one optimizer step (per process): each batch cut into passes,
+    or, for a micro-batch larger than the batch, the step's batches pooled (:func:`pool_step`)."""
+    if micro_batch > batch_size:
+        return math.ceil(batch_size * grad_accum / micro_batch)
+    return math.ceil(batch_size / micro_batch) * grad_accum
+
+
 def split_batch(indices: list[int], micro_batch: int) -> list[list[int]]:
     """One batch of the epoch's plan cut into consecutive micro-batches of at most ``micro_batch``."""
     return [indices[i : i + micro_batch] for i in range(0, len(indices), micro_batch)]
+
+
+def pool_step(batches: list[list[int]], lengths: list[int], micro_batch: int) -> list[list[int]]:
+    """An optimizer step's batches pooled into passes of at most ``micro_batch`` examples.
+
+    The step's gradient is the sum over its examples divided by its label tokens
+    (:mod:`~phi4mm_lora.train.loss`), whatever passes they go through, so the examples can be
+    regrouped: longest first, into as few passes as fit, of sizes that differ by at most one,
+    so that each pass pads little.
+    """
+    pooled = sorted((i for b in batches for i in b), key=lambda i: (-lengths[i], i))
+    n = math.ceil(len(pooled) / micro_batch) if pooled else 0
+    size, extra = divmod(len(pooled), n) if n else (0, 0)
+    out, start = [], 0
+    for k in range(n):
+        end = start + size + (k < extra)
+        out.append(pooled[start:end])
+        start = end
+    return out
 
 
 @dataclass(frozen=True)
@@ -171,11 +198,16 @@ class MemoryPlan:
 
     @property
     def passes(self) -> int:
-        """Forward/backward passes per batch."""
-        return math.ceil(self.batch_size / self.micro_batch)
+        """Forward/backward passes per batch (1 when batches are pooled)."""
+        return math.ceil(self.batch_size / min(self.micro_batch, self.batch_size))
+
+    @property
+    def pooled(self) -> bool:
+        """A micro-batch larger than the batch: each pass takes examples of several batches of the step."""
+        return self.micro_batch > self.batch_size
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passes_per_step": self.passes * self.grad_accum}
+        return {**asdict(self), "passes_per_step": passes_per_step(self.batch_size, self.grad_accum, self.micro_batch)}
 
     def lines(self) -> list[str]:
         """What the recipe prints at setup: one line per choice."""
@@ -191,10 +223,16 @@ class MemoryPlan:
             return "set in config" + (f"; {need}" if need else "")
 
         mode_why, micro_why = why(self.mode_source), why(self.micro_source)
-        return [f"memory plan: gradient checkpointing {self.gradient_checkpointing} ({mode_why})",
-                f"memory plan: micro-batch {self.micro_batch} x {self.passes} pass(es) per batch, x grad_accum "
-                f"{self.grad_accum} = {self.batch_size * self.grad_accum} examples per optimizer step per process "
-                f"({micro_why})"]
+        examples = self.batch_size * self.grad_accum
+        if self.pooled:
+            micro = (f"memory plan: micro-batch {self.micro_batch}: the {self.grad_accum} batches of "
+                     f"{self.batch_size} of each optimizer step pooled into "
+                     f"{passes_per_step(self.batch_size, self.grad_accum, self.micro_batch)} pass(es), longest "
+                     f"first = {examples} examples per optimizer step per process ({micro_why})")
+        else:
+            micro = (f"memory plan: micro-batch {self.micro_batch} x {self.passes} pass(es) per batch, x grad_accum "
+                     f"{self.grad_accum} = {examples} examples per optimizer step per process ({micro_why})")
+        return [f"memory plan: gradient checkpointing {self.gradient_checkpointing} ({mode_why})", micro]
 
 
 def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_tokens: int,
@@ -203,17 +241,18 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
     """The fastest (checkpointing, micro-batch) whose estimated peak fits ``available`` bytes.
 
     Order: the largest micro-batch first, and within it ``none`` > ``selective`` > ``full``.
-    Micro-batch before mode because on the measured H200 a pass costs ~0.8 s almost whatever
-    its size (batch 1: 0.79 s/step, batch 8: 1.14 s/step), so splitting a batch in two costs
-    more than recomputing it (full checkpointing: 0.84 against 0.49 s/step at batch 8). A value
-    given in the config is kept (a micro-batch larger than the batch is the whole batch);
-    ``auto`` values are chosen around it. Each micro-batch is
-    costed at ``longest_tokens`` per example (padding to the longest, the worst case).
-    ``available`` None (CPU, MPS: no limit known) gives the fastest setting.
+    Micro-batch before mode because on the measured H200 a pass has a large fixed cost (a
+    batch-1 pass took 0.32 s, a batch-8 pass 0.45 s: docs/benchmarks.md, "GPU measurements"), so
+    splitting a batch in two costs more than recomputing it (full checkpointing: 0.65 against
+    0.45 s at batch 8). A value given in the config is kept; one larger than the batch pools the
+    batches of each optimizer step (:func:`pool_step`, same gradient), up to the step's examples.
+    ``auto`` values are chosen around it, never above the batch: pooling is not measured on a GPU
+    yet. Each micro-batch is costed at ``longest_tokens`` per example (padding to the longest, the
+    worst case). ``available`` None (CPU, MPS: no limit known) gives the fastest setting.
     Raises :class:`UserError` (one line, what to change) when no candidate fits.
     """
     modes = MODES if mode == "auto" else (mode,)
-    micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [min(int(micro_batch), batch_size)]
+    micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [min(int(micro_batch), batch_size * grad_accum)]
     base = {"batch_size": batch_size, "grad_accum": grad_accum, "available": available, "device": device,
             "longest_tokens": longest_tokens,
             "mode_source": "auto" if mode == "auto" else "config",
@@ -290,4 +329,4 @@ def apply_checkpointing(model: torch.nn.Module, mode: str) -> int:
 
 __all__ = ["CALIBRATION", "Footprint", "MARGIN", "MODES", "MemoryPlan", "RESERVE", "VALUES_PER_LAYER_TOKEN",
            "activation_bytes", "apply_checkpointing", "choose_plan", "device_memory",
-           "estimate_peak", "fits", "footprint", "micro_batch_sizes", "split_batch"]
+           "estimate_peak", "fits", "footprint", "micro_batch_sizes", "passes_per_step", "pool_step", "split_batch"]
