@@ -20,8 +20,8 @@
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #
-# A 15-minute lease fits two calls, e.g. `ckpt attention eval auto score cache` then, with what is left,
-# `compile pool evaltrain`, then `parts` or `train` (docs/benchmarks.md, "After the lease").
+# The limits add up to more than one 15-minute lease: pick by issue (docs/benchmarks.md, "The next lease"), e.g.
+# `ckpt eval auto score attention` (issue 11), then `pool evaltrain` and `compile` or `parts` (issue 10).
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
