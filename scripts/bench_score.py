@@ -1,0 +1,99 @@
+"""Scoring one recording with the model loaded, call after call: the figure of issue 11's "under 3 s".
+
+    python scripts/bench_score.py                                  # tiny model, the bundled 5.0 s recording
+    python scripts/bench_score.py --model DIR --precision bf16     # e.g. the random full-size checkpoint on a GPU
+    python scripts/bench_score.py --variants dynamic static        # without the compiled variant (no C++ compiler)
+
+The model is loaded once, as ``score`` loads it (adapter merged where the plan allows). Each
+variant then scores the same recording (both tasks, through :func:`~phi4mm_lora.evaluate.score.score_batch`,
+the code of ``score`` and of the service) ``--repeat`` times, and the figure is the time of each
+call with the model loaded (``score_seconds``: audio decoding and generation). The first call
+of a variant pays what is done once per process (for ``static+compile``: the compilation and,
+on a GPU, the CUDA graph capture); the following calls are what a running service answers in.
+Variants: ``dynamic`` (the default, the baseline), ``static`` (``eval.cache=static``) and
+``static+compile`` (``eval.cache=static eval.compile=true``). Ratios are against the baseline's
+warm median in the same run, and each variant's answers must equal the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+VARIANTS = {"dynamic": [], "static": ["eval.cache=static"], "static+compile": ["eval.cache=static", "eval.compile=true"]}
+RECORDING = ("WAVE/SPEAKER0003/000300001.flac", "COW WATCH WEEK SING CLOSE TODAY HOME")  # 5.0 s, bundled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the tiny test model)")
+    ap.add_argument("--precision", default="auto", help="precision plan (default auto: fp32 on CPU, bf16 on GPU)")
+    ap.add_argument("--audio", default=None, help="recording to score (default: the bundled 5.0 s one)")
+    ap.add_argument("--text", default=None, help="its sentence (default: the bundled recording's)")
+    ap.add_argument("--repeat", type=int, default=3, help="calls per variant (default 3; the first is the cold one)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="the first is the baseline (default: all three)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    if args.repeat < 2:
+        ap.error("--repeat must be >= 2: the first call is the cold one")
+    return args
+
+
+def time_variant(cfg, loaded, item, repeat: int) -> tuple[list[float], list[dict]]:
+    """``score_seconds`` of each call, and the last call's results."""
+    from phi4mm_lora.evaluate.score import score_batch
+
+    seconds, results = [], []
+    for _ in range(repeat):
+        timing: dict[str, float] = {}
+        results = score_batch(cfg, loaded, [item], timing=timing)
+        seconds.append(timing["score_seconds"])
+    return seconds, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    from phi4mm_lora.config import load_config
+    from phi4mm_lora.data.examples import bundled_corpus_path
+    from phi4mm_lora.evaluate.score import ScoreItem
+    from phi4mm_lora.model.inference import load_for_inference
+
+    base = [f"precision={args.precision}"] + ([f"model.path={args.model}"] if args.model else [])
+    cfg = load_config(None, base)
+    loaded = load_for_inference(cfg)
+    audio = args.audio or str(bundled_corpus_path() / RECORDING[0])
+    item = ScoreItem(audio, args.text or RECORDING[1])
+    runs = []
+    for name in args.variants:
+        seconds, results = time_variant(load_config(None, base + VARIANTS[name]), loaded, item, args.repeat)
+        answers = [(r.get("apa_raw"), r.get("mdd_raw"), r.get("error")) for r in results]
+        runs.append({"variant": name, "cold_s": round(seconds[0], 3), "warm_s": [round(s, 3) for s in seconds[1:]],
+                     "warm_median_s": round(statistics.median(seconds[1:]), 3), "answers": answers})
+    ref = runs[0]
+    print(f"scoring one recording ({audio}), both tasks, model loaded; device {loaded.plan.device}, "
+          f"plan {loaded.plan.name}; {args.repeat} calls per variant")
+    print("| variant | first call s | warm median s | warm x (baseline = 1) | answers as the baseline's |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        r["warm_ratio"] = round(r["warm_median_s"] / ref["warm_median_s"], 3) if ref["warm_median_s"] else None
+        r["same_answers"] = r["answers"] == ref["answers"]
+        print(f"| {r['variant']} | {r['cold_s']:.3f} | {r['warm_median_s']:.3f} | {r['warm_ratio']} | "
+              f"{'yes' if r['same_answers'] else 'NO'} |")
+    figures = {"device": str(loaded.plan.device), "precision": loaded.plan.name, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "audio": audio,
+               "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs]}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
+    return 0 if all(r["same_answers"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
