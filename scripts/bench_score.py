@@ -24,7 +24,6 @@ import statistics
 import sys
 
 VARIANTS = {"dynamic": [], "static": ["eval.cache=static"], "static+compile": ["eval.cache=static", "eval.compile=true"]}
-RECORDING = ("WAVE/SPEAKER0003/000300001.flac", "COW WATCH WEEK SING CLOSE TODAY HOME")  # 5.0 s, bundled
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from phi4mm_lora.config import load_config
-    from phi4mm_lora.data.examples import bundled_corpus_path
+    from phi4mm_lora.data.examples import bundled_recording
     from phi4mm_lora.evaluate.score import ScoreItem
     from phi4mm_lora.model.inference import load_for_inference
 
     base = [f"precision={args.precision}"] + ([f"model.path={args.model}"] if args.model else [])
     cfg = load_config(None, base)
     loaded = load_for_inference(cfg)
-    audio = args.audio or str(bundled_corpus_path() / RECORDING[0])
-    item = ScoreItem(audio, args.text or RECORDING[1])
+    default_audio, default_text = bundled_recording()
+    audio = args.audio or str(default_audio)
+    item = ScoreItem(audio, args.text or (default_text if not args.audio else ""))
     runs = []
     for name in args.variants:
         seconds, results = time_variant(load_config(None, base + VARIANTS[name]), loaded, item, args.repeat)

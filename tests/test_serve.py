@@ -239,6 +239,36 @@ def test_serve_refuses_bad_setup_before_loading(tmp_path: Path, capsys) -> None:
             assert time.monotonic() - t < 5  # refused before the model is loaded
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile (inductor) needs a C++ compiler")
+def test_under_eval_compile_the_service_compiles_before_its_first_request(random_run: Path, recordings) -> None:
+    """eval.compile: the service scores a bundled recording once before it serves, so that the
+    compilation is not paid by a request; its answers are the eager service's."""
+    from starlette.testclient import TestClient
+
+    from phi4mm_lora.model.blocks import conformer_blocks, is_compiled
+    from phi4mm_lora.serve.service import create_service
+
+    small = ["precision=fp32", "model.device=cpu", "eval.max_new_tokens=4"]
+    answers = []
+    for extra in ([], ["eval.cache=static", "eval.compile=true"]):
+        service = create_service(load_config(None, small + extra), run=random_run, sentences=[])
+        with TestClient(service.app) as client:
+            requests_before = service.worker.stats.requests
+            resp = post_client(client, recordings[SENTENCES[1]], SENTENCES[1])
+        assert resp.status_code == 200, resp.text
+        answers.append(comparable(resp.json()))
+        if extra:  # warmed up on the bundled recording before the app existed, outside the request counts
+            assert service.warm_up_s > 0 and requests_before == 0
+            assert all(is_compiled(b) for b in conformer_blocks(service.worker.loaded.model))
+        else:
+            assert service.warm_up_s is None
+    assert answers[0] == answers[1]
+
+
+def post_client(client, audio: Path, text: str):
+    return client.post("/score", files={"audio": (audio.name, audio.read_bytes())}, data={"text": text})
+
+
 def test_a_full_queue_is_refused_at_once() -> None:
     from phi4mm_lora.serve.worker import QueueFull, ScoringWorker
 

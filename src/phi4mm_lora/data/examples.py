@@ -91,6 +91,12 @@ def bundled_corpus_path() -> Path:
     return Path(str(resources.files("phi4mm_lora") / "assets" / "corpus"))
 
 
+def bundled_recording() -> tuple[Path, str]:
+    """One 5.0 s recording of the bundled corpus's test split and its sentence: what a service
+    warms up on and what ``scripts/bench_score.py`` times (issue 11: one 5-second recording)."""
+    return bundled_corpus_path() / "WAVE" / "SPEAKER0003" / "000300001.flac", "COW WATCH WEEK SING CLOSE TODAY HOME"
+
+
 def _check_audio(
     paths: list[str | None], max_seconds: float, workers: int | None
 ) -> list[tuple[float | None, str | None, str | None]]:

@@ -30,6 +30,8 @@ class Service:
     worker: Any
     provenance: dict[str, Any]
     cfg: RunConfig
+    warm_up_s: float | None = None
+    """Seconds of the warm-up call under ``eval.compile`` (None: no warm-up)."""
 
 
 def check_address(host: str, port: int) -> None:
@@ -64,17 +66,25 @@ def create_service(cfg: RunConfig, run: Run | str | Path | None = None, *, limit
                    max_batch: int = 8, max_queue: int = 64, loaded: Any | None = None,
                    sentences: list[str] | None = None) -> Service:
     """Load the model (``run``'s adapter on its base model, or ``loaded``), start the scoring
-    worker and build the app; the worker stops when the app's lifespan ends."""
+    worker and build the app; the worker stops when the app's lifespan ends. Under
+    ``eval.compile`` the worker first scores a bundled recording, so that the compilation
+    happens here and not in the first request."""
+    from phi4mm_lora.data.examples import bundled_recording
     from phi4mm_lora.evaluate.run import configure_and_load
+    from phi4mm_lora.evaluate.score import ScoreItem
     from phi4mm_lora.model.provenance import provenance
     from phi4mm_lora.serve.app import create_app
     from phi4mm_lora.serve.worker import ScoringWorker
 
     cfg, loaded = configure_and_load(cfg, run, loaded)
     prov = provenance(loaded, cfg)
-    worker = ScoringWorker(cfg, loaded, max_batch=max_batch, max_queue=max_queue).start()
-    app = create_app(worker, prov, limits, example_sentences() if sentences is None else sentences)
-    return Service(app, worker, prov, cfg)
+    worker = ScoringWorker(cfg, loaded, max_batch=max_batch, max_queue=max_queue)
+    warm = None
+    if cfg.eval.compile:
+        audio, text = bundled_recording()
+        warm = worker.warm_up(ScoreItem(str(audio), text))
+    app = create_app(worker.start(), prov, limits, example_sentences() if sentences is None else sentences)
+    return Service(app, worker, prov, cfg, warm)
 
 
 def serve(cfg: RunConfig, run: Run | str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
@@ -92,8 +102,11 @@ def serve(cfg: RunConfig, run: Run | str | Path | None = None, *, host: str = "1
         run = Run.open(run)
         cfg = run.configure(cfg)  # a missing base model is named before the address check
     check_address(host, port)
-    say("loading the model ...")
+    say("loading the model" + (", then compiling the decoding step on a bundled recording (eval.compile) ..."
+                               if cfg.eval.compile else " ..."))
     service = create_service(cfg, limits=limits, max_batch=max_batch, max_queue=max_queue)
+    if service.warm_up_s is not None:
+        say(f"compiled: the warm-up recording took {service.warm_up_s:.1f} s")
     prov = service.provenance
     shown = f"[{host}]" if ":" in host else host
     merged = " (merged)" if prov.get("adapter_merged") else ""

@@ -65,6 +65,13 @@ class ScoringWorker:
         self._thread.start()
         return self
 
+    def warm_up(self, item: ScoreItem) -> float:
+        """Score ``item`` once before the worker starts; its seconds. Under ``eval.compile`` this
+        is where the decoding step compiles (tens of seconds), so no request waits for it."""
+        start = time.monotonic()
+        score_batch(self.cfg, self.loaded, [item])
+        return time.monotonic() - start
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the thread."""
         if self._thread.is_alive():
