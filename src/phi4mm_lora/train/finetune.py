@@ -712,7 +712,7 @@ class FinetuneRecipe:
         acc.wait_for_everyone()
         wall = time.perf_counter() - self.t_start
         loop_s = time.perf_counter() - self.t_loop
-        eval_s = sum(row.get("seconds", 0.0) for row in self.eval_rows)
+        eval_s = sum(row.get("seconds", 0.0) for row in self.eval_rows) if self.eval_rows else None
         summary: dict[str, Any] = {
             "run_dir": str(run_dir), "adapter_dir": str(adapter_dir), "steps": self.global_step,
             "total_steps": self.total_steps, "epochs": self.global_step / self.spe, "processes": self.world,
@@ -726,7 +726,7 @@ class FinetuneRecipe:
             "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
             "eval": self.eval_rows[-1] if self.eval_rows else None,
             # issue 11: evaluation during training should cost at most 10% of the training around it
-            "eval_s": eval_s, "eval_share": eval_s / (loop_s - eval_s) if self.eval_rows and loop_s > eval_s else None,
+            "eval_s": eval_s, "eval_share": eval_s / (loop_s - eval_s) if eval_s is not None and loop_s > eval_s else None,
             "memory_plan": self.plan.as_dict(),
         }
         if self.main:
