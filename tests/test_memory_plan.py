@@ -119,7 +119,7 @@ def test_pooling_regroups_a_steps_examples_into_fewer_passes_longest_first():
 
     batches = [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert step_micro_batches(batches, 1, 1, 0, 2, 4, lengths) == [[7, 5, 6, 4]]  # pooled, longest first
-    assert step_micro_batches(batches, 1, 1, 0, 2, 2, lengths) == [[4, 5], [6, 7]]  # not pooled: as planned
+    assert step_micro_batches(batches, 1, 1, 0, 2, 2) == [[4, 5], [6, 7]]  # not pooled: as planned
     assert step_micro_batches(batches, 1, 2, 1, 1, 4, lengths) == [[6, 7]]  # one batch per process: nothing to pool
     # set in the config: kept up to the step's examples; auto never pools (not measured on a GPU yet)
     plan = mp.choose_plan(BF16, batch_size=8, grad_accum=8, longest_tokens=TOKENS, available=200e9, micro_batch=16)

@@ -122,14 +122,14 @@ def rank_batches(batches: list[list[int]], step: int, world: int, rank: int, acc
 
 
 def step_micro_batches(batches: list[list[int]], step: int, world: int, rank: int, accum: int,
-                       micro_batch: int, lengths: list[int] | None = None) -> list[list[int]]:
+                       micro_batch: int, pool_by: list[int] | None = None) -> list[list[int]]:
     """This process's micro-batches of step ``step``: its batches, each cut into passes of at most
-    ``micro_batch`` examples (``train.micro_batch``), or, for a micro-batch larger than the batch,
-    pooled into passes by ``lengths`` (:func:`~phi4mm_lora.train.memory_plan.pool_step`); the
-    step's examples stay the same."""
+    ``micro_batch`` examples (``train.micro_batch``), or, given the examples' lengths ``pool_by``
+    (a plan whose micro-batch is larger than the batch), pooled into passes
+    (:func:`~phi4mm_lora.train.memory_plan.pool_step`); the step's examples stay the same."""
     mine = rank_batches(batches, step, world, rank, accum)
-    if mine and micro_batch > max(len(b) for b in mine) and lengths is not None and len(mine) > 1:
-        return memory_plan.pool_step(mine, lengths, micro_batch)
+    if pool_by is not None and len(mine) > 1:
+        return memory_plan.pool_step(mine, pool_by, micro_batch)
     return [m for b in mine for m in memory_plan.split_batch(b, micro_batch)]
 
 
@@ -416,6 +416,7 @@ class FinetuneRecipe:
             grad_accum=tc.grad_accum, longest_tokens=longest_tokens(self.examples, self.processor.tokenizer),
             available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
+        self.pool_by = self.lengths if self.plan.pooled else None  # the lengths pooled passes are sorted by
 
     def _setup_compile(self) -> None:
         """``train.compile``: each decoder layer and each of the audio encoder's conformer blocks
@@ -502,7 +503,7 @@ class FinetuneRecipe:
         tc = self.tc
         mine = [b for s in range(first, last)
                 for b in step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch,
-                                            self.lengths)]
+                                            self.pool_by)]
         return torch.utils.data.DataLoader(_MicroBatches(self.examples, mine, self.collator), batch_size=None,
                                            num_workers=tc.num_workers, collate_fn=lambda b: b,
                                            # own generator: iter() must not draw from the global RNG,
@@ -526,7 +527,7 @@ class FinetuneRecipe:
             it = iter(self.epoch_loader(epoch, batches, first, last))
             for s in range(first, last):
                 n_micro = len(step_micro_batches(batches, s, self.world, self.rank, tc.grad_accum, self.plan.micro_batch,
-                                                 self.lengths))
+                                                 self.pool_by))
                 micro = [_to_device(next(it), acc.device) for _ in range(n_micro)]
                 outcome = self.train_step(micro, epoch)
                 self.global_step += 1
