@@ -129,3 +129,54 @@ def test_evaluate_command_records_the_merge(tiny_native: Path, tmp_path: Path) -
     meta = json.loads((out / "run.json").read_text())
     assert meta["provenance"]["adapter_merged"] is True
     assert "(merged)" in (out / "report.md").read_text()
+
+
+def test_merged_for_a_while_answers_as_unmerged_and_puts_the_exact_weights_back(tiny_native: Path) -> None:
+    """Evaluation during training merges the training model's LoRA for its duration. Answers are
+    the unmerged model's (fp32), and afterwards every weight is bit for bit what it was, even in
+    bf16, where PEFT's own unmerge would leave the base weights a rounding step off."""
+    from phi4mm_lora.model.inference import merged_for_a_while
+
+    cfg = load_config(None, [f"model.path={tiny_native}", "precision=fp32"])
+    lm = load_model(cfg.model, cfg.precision, cfg.adapter)
+    exs = _examples(lm, 4)
+    kw = {"batch_size": 4, "max_new_tokens": 8, "progress": False}
+    want = generate_all(lm.model, lm.processor, exs, **kw)
+    with merged_for_a_while(lm.model, lm.plan, list(lm.adapters.active)) as note:
+        assert note.startswith("merged speech") and all(m.merged for m in lm.model.modules() if hasattr(m, "lora_A"))
+        got = generate_all(lm.model, lm.processor, exs, **kw)
+    assert [(g.text, g.n_tokens) for g in got] == [(g.text, g.n_tokens) for g in want]
+
+    bf16 = load_model(cfg.model, "bf16", cfg.adapter)
+    before = {n: p.detach().clone() for n, p in bf16.model.named_parameters()}
+    with merged_for_a_while(bf16.model, bf16.plan, list(bf16.adapters.active)):
+        changed = [n for n, p in bf16.model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed, "nothing was merged"
+    assert all(torch.equal(p, before[n]) for n, p in bf16.model.named_parameters()), "weights not restored"
+    assert not any(m.merged for m in bf16.model.modules() if hasattr(m, "lora_A"))
+    bf16.model.merge_adapter()
+    bf16.model.unmerge_adapter()
+    drift = max(float((p.float() - before[n].float()).abs().max()) for n, p in bf16.model.named_parameters())
+    assert drift > 0, "in bf16 PEFT's unmerge alone is expected to round: the copy back is what restores"
+
+
+def test_training_with_evaluations_ends_with_the_weights_of_training_without(tiny_native: Path, tmp_path: Path) -> None:
+    """The recipe evaluates with the LoRA merged for a while (eval.merge_adapter): a run that
+    evaluates after every step trains exactly like one that never evaluates."""
+    from test_train_common import make_manifest, read_trained, small_overrides
+
+    from phi4mm_lora.evaluate.run import make_epoch_evaluator
+    from phi4mm_lora.train.finetune import train
+
+    manifest = make_manifest(tmp_path / "data", n=4)
+    weights = []
+    for label, evaluate in (("plain", False), ("evaluated", True)):
+        over = small_overrides(manifest, tmp_path / label, adapter__trainable="lora", train__epochs=2,
+                               eval__during_training=evaluate, eval__every_steps=1, eval__subset=1,
+                               eval__max_new_tokens=2)
+        cfg = load_config(None, over)
+        result = train(cfg, evaluate_fn=make_epoch_evaluator(cfg) if evaluate else None, progress=False)
+        assert (result.summary["eval_s"] is not None) == evaluate
+        weights.append(read_trained(result.adapter_dir))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -370,7 +370,8 @@ class EvalConfig(_Section):
         True,
         description="evaluate/score/serve: merge the LoRA into the weights once at load (faster "
         "generation, same answers) where the precision allows it: fp32, bf16, fp16; int8/nf4/selective "
-        "stay unmerged (merging would re-quantise the base weights). Evaluation during training never merges.",
+        "stay unmerged (merging would re-quantise the base weights). Evaluation during training merges for its "
+        "duration and then restores the exact base weights (not under FSDP or DeepSpeed).",
     )
     cache: Literal["dynamic", "static"] = Field(
         "dynamic",

@@ -30,14 +30,17 @@ too. Every other adapted layer is still merged (PEFT's per-layer ``merge``), so 
 keeps only the tied layer's two small products per token. What was merged, and why not, is in
 :attr:`Loaded.merge <phi4mm_lora.model.load.Loaded>` and in every output's provenance.
 
-Evaluation during training never merges: it gets the training model, and a merge there would
-change the weights the optimiser updates (unmerging gives them back only up to rounding).
+Evaluation during training gets the training model, which must not change: PEFT's unmerge
+gives the weights back only up to rounding. :func:`merged_for_a_while` merges it for the
+evaluation and then copies the exact base weights back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -124,4 +127,45 @@ def load_for_inference(cfg: Any) -> Loaded:
     return merge_for_inference(loaded, cfg.eval.merge_adapter)
 
 
-__all__ = ["MergeState", "load_for_inference", "merge_for_inference", "merge_refusal"]
+
+
+@contextlib.contextmanager
+def merged_for_a_while(model: torch.nn.Module, plan: Any, active: list[str], enabled: bool = True) -> Iterator[str]:
+    """The training model's active LoRA merged into its base weights for the ``with`` block (a
+    note on what was done), then the base weights put back **exactly**.
+
+    Why: evaluation during training generates with the training model, and an unmerged LoRA
+    costs every decoding step its extra products and PEFT's dispatch around each of the 128
+    adapted linears (docs/benchmarks.md: merging lowers the operators per step). Why exactly:
+    PEFT's ``unmerge`` subtracts the delta again, which rounds (bf16 base weights would drift a
+    little at every evaluation), so a copy of each merged base weight is kept on the CPU and
+    copied back. Quantised plans stay unmerged (a merge would re-quantise), and so does a base
+    weight tied to another module, as in :func:`merge_for_inference`.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    why = None if enabled else "eval.merge_adapter is off"
+    if why is None and plan.quantised:
+        why = f"precision {plan.name}: quantised base weights"
+    if why is None and not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        why = "the model carries no PEFT adapter"
+    if why is not None:
+        yield f"unmerged ({why})"
+        return
+    shared = set(_shared_lora_weights(model))
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, BaseTunerLayer) and name not in shared and not m.merged]
+    saved = [m.get_base_layer().weight.detach().to("cpu", copy=True) for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.merge(adapter_names=active)
+        yield f"merged {'+'.join(active)} for the evaluation ({len(layers)} layers), weights restored after"
+    finally:
+        with torch.no_grad():
+            for m, weight in zip(layers, saved, strict=True):
+                m.unmerge()  # PEFT's own bookkeeping; its subtraction rounds, so the copy goes back
+                m.get_base_layer().weight.copy_(weight)
+
+
+__all__ = ["MergeState", "load_for_inference", "merge_for_inference", "merge_refusal", "merged_for_a_while"]

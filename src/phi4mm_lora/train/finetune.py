@@ -682,9 +682,13 @@ class FinetuneRecipe:
     def evaluate(self, epoch_value: float, when: str, step: int | None = None) -> None:
         """evaluate_fn on the main process, logged as eval/<key>; ``step`` marks a mid-epoch call."""
         if self.main:
+            from phi4mm_lora.model.inference import merged_for_a_while
+
             self.model.eval()
             t0 = time.perf_counter()
-            with torch.no_grad():
+            acc = self.accelerator  # sharded or engine-owned weights (FSDP, DeepSpeed) are not merged into
+            merge = self.cfg.eval.merge_adapter and not (distributed.is_fsdp(acc) or distributed.is_deepspeed(acc))
+            with torch.no_grad(), merged_for_a_while(self.peft, self.loaded.plan, list(self.adapters.active), merge):
                 extra = {} if step is None else {"step": step}
                 result = dict(self.evaluate_fn(self.peft, self.processor, epoch_value, **extra))
             result.setdefault("seconds", round(time.perf_counter() - t0, 2))  # issue 11: its share of an epoch
