@@ -10,7 +10,7 @@
 #     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile, and LoRA inputs
 #              as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time; then bench_score.py:
-#              the same recording 3 times per variant, dynamic vs static+compile, cold and warm (~150 s)
+#              the same recording 3 times per variant, dynamic vs static+compile, cold and warm (~200 s: compiles)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
@@ -66,7 +66,7 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   parts) run parts 150 python3 scripts/bench_train_cpu.py --steps 4 --warmup 1 --threads 0 --profile --count-casts \
       --json $RES/parts.json model.path=$CK model.device=cuda precision=bf16 adapter.mode=pretrained \
       adapter.base=speech adapter.trainable=lora ;;
-  score) run score 240 bash -c "python3 -m phi4mm_lora score --model $CK --precision bf16 \
+  score) run score 300 bash -c "python3 -m phi4mm_lora score --model $CK --precision bf16 \
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' src/phi4mm_lora/assets/corpus/WAVE/SPEAKER0003/000300001.flac &&
       python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic static+compile \
       --json $RES/score.json" ;;
