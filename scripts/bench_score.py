@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.repeat < 2:
         ap.error("--repeat must be >= 2: the first call is the cold one")
+    if args.audio and not args.text:
+        ap.error("--audio needs --text, the sentence that recording reads")
     return args
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_for_inference(cfg)
     default_audio, default_text = bundled_recording()
     audio = args.audio or str(default_audio)
-    item = ScoreItem(audio, args.text or (default_text if not args.audio else ""))
+    item = ScoreItem(audio, args.text or default_text)
     runs = []
     for name in args.variants:
         seconds, results = time_variant(load_config(None, base + VARIANTS[name]), loaded, item, args.repeat)
