@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -55,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="auto", help="precision plan (default auto: fp32 on CPU, bf16 on GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--limit", type=int, default=None, help="utterances per split")
+    ap.add_argument("--utterances", type=int, default=None,
+                    help="repeat the chosen utterances, each copy a recording of its own (the audio encoder runs "
+                         "for it), until there are N: batches as full as on Speechocean762's test set (2,500)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config override, e.g. model.sdpa_cudnn=false (repeatable)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--full-examples", type=int, default=5000,
                     help="examples to extrapolate to (default: Speechocean762 test, 2,500 utterances x 2 tasks)")
@@ -93,8 +99,9 @@ class Bench:
         if not args.compare:  # what evaluate runs: merged where the plan allows
             self.loaded = merge_for_inference(self.loaded, self.cfg.eval.merge_adapter)
         self.load_s = time.perf_counter() - t0
-        self.examples = [ex for split in args.splits for ex in build_examples(
-            self.cfg.data, self.cfg.prompts, split, audio_token=self.loaded.processor.audio_token, seed=self.cfg.seed)[0]]
+        self.examples = repeat_utterances([ex for split in args.splits for ex in build_examples(
+            self.cfg.data, self.cfg.prompts, split, audio_token=self.loaded.processor.audio_token, seed=self.cfg.seed)[0]],
+            args.utterances)
         self.utts = len({(e.split, e.utt_id) for e in self.examples})
         self.max_new = self.cfg.eval.max_new_tokens
         if args.batch_size == "auto":
@@ -128,7 +135,26 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         args.model = str(ensure_tiny(full_depth=True))
     over += [f"{key}={value}" for key, value in (("model.path", args.model), ("data.path", args.data),
                                                  ("data.limit", args.limit)) if value]
-    return over
+    return over + args.set
+
+
+def repeat_utterances(examples: list, n: int | None) -> list:
+    """The examples of the first ``n`` utterances of the chosen ones repeated in order (all of them,
+    once, when ``n`` is None). Copy ``k`` of an utterance gets ``#k`` on its ids, so it counts as a
+    recording of its own: its audio goes through the encoder again, as a new recording's would."""
+    from dataclasses import replace
+
+    if n is None:
+        return examples
+    utts: dict[tuple, list] = {}
+    for e in examples:
+        utts.setdefault((e.split, e.utt_id), []).append(e)
+    groups = list(utts.values())
+    out = []
+    for i in range(n):
+        k = i // len(groups)
+        out += [e if k == 0 else replace(e, id=f"{e.id}#{k}", utt_id=f"{e.utt_id}#{k}") for e in groups[i % len(groups)]]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,7 +267,9 @@ def print_runs(runs: list[dict], utts: int, full_examples: int) -> None:
               f"{r['generation_wall_s']} s generation wall time, {r['examples_per_s']} examples/s, "
               f"{r['tokens_per_s']} tokens/s; {r['decode_steps']} decoding steps in {r['batches']} batches: "
               f"{r['ms_per_decode_step']} ms/step (model {r['model_ms_per_step']} + other {r['other_ms_per_step']}); "
-              f"{full_examples} examples would take {r['extrapolated_full_s'] / 60:.1f} min")
+              f"{full_examples} examples would take {r['extrapolated_full_s'] / 60:.1f} min at this rate, "
+              f"{r['full_by_batches_s'] / 60:.1f} min in full batches of {r['batch_size']} "
+              f"(this run's held {r['rows_per_batch']} rows on average)")
 
 
 def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: int) -> list[dict]:
@@ -488,9 +516,28 @@ def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: i
         "share_prep": round(outside / gen_s, 3),
         "full_examples": full_examples,
         "extrapolated_full_s": round(full_examples / (len(examples) / gen_s), 1),
+        "rows_per_batch": round(len(examples) / max(len(batches), 1), 1),
+        "full_by_batches_s": round(full_by_batches(
+            full_examples, sorted({e.task for e in examples}), batch_size, max_new_tokens, per_example_s=outside
+            / max(len(examples), 1), prefill_s=timer.prefill_s / max(timer.prefills, 1),
+            step_s=(timer.decode_s + timer.gap_s) / steps), 1),
         "prefill_logits_to_keep": timer.logits_to_keep,
         "answers": [(g.id, g.text, g.n_tokens, g.error) for g in gens],
     }
+
+
+def full_by_batches(full_examples: int, tasks: list[str], batch_size: int, cap: int, *, per_example_s: float,
+                    prefill_s: float, step_s: float) -> float:
+    """Seconds for ``full_examples`` split evenly over ``tasks``, counted batch by batch: each task
+    in ceil(n / batch_size) batches, each one prefill and its task's budget of decoding steps, plus
+    the preparation of every example. The step and prefill times are this run's, so the figure
+    holds for batches as full as this run's (``rows_per_batch``); ``--utterances`` fills them."""
+    from phi4mm_lora.evaluate.generate import max_tokens_for
+
+    per_task = full_examples / max(len(tasks), 1)
+    batches = math.ceil(per_task / batch_size)
+    steps = sum(batches * max_tokens_for(t, cap) for t in tasks)
+    return full_examples * per_example_s + len(tasks) * batches * prefill_s + steps * step_s
 
 
 RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",

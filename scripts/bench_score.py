@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="calls per variant (default 3; the first is the cold one)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="the first is the baseline (default: all three)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config override for every variant, e.g. model.sdpa_cudnn=false (repeatable)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
     if args.repeat < 2:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from phi4mm_lora.evaluate.score import ScoreItem
     from phi4mm_lora.model.inference import load_for_inference
 
-    base = [f"precision={args.precision}"] + ([f"model.path={args.model}"] if args.model else [])
+    base = [f"precision={args.precision}"] + ([f"model.path={args.model}"] if args.model else []) + args.set
     cfg = load_config(None, base)
     loaded = load_for_inference(cfg)
     default_audio, default_text = bundled_recording()
@@ -86,15 +88,35 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         r["warm_ratio"] = round(r["warm_median_s"] / ref["warm_median_s"], 3) if ref["warm_median_s"] else None
         r["same_answers"] = r["answers"] == ref["answers"]
+        r["first_difference"] = first_difference(ref["answers"], r["answers"])
         print(f"| {r['variant']} | {r['cold_s']:.3f} | {r['warm_median_s']:.3f} | {r['warm_ratio']} | "
               f"{'yes' if r['same_answers'] else 'NO'} |")
     figures = {"device": str(loaded.plan.device), "precision": loaded.plan.name, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "audio": audio,
-               "runs": [{k: v for k, v in r.items() if k != "answers"} for r in runs]}
+               "runs": runs}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)
+    for r in runs:
+        for task, where in (r["first_difference"] or {}).items():
+            print(f"  {r['variant']}: {task} answer parts from the baseline's at character {where['at']}: "
+                  f"...{where['baseline']!r} against ...{where['variant']!r}")
     return 0 if all(r["same_answers"] for r in runs) else 1
+
+
+def first_difference(ref: list[tuple], got: list[tuple], context: int = 24) -> dict | None:
+    """Where each task's answer first parts from the baseline's: the character index and the text
+    around it (None when all agree). On a GPU in bf16, an answer that parts late from an equal
+    prefix points at rounding flipping a near-tied arg max; one that parts at once, at a bug."""
+    out = {}
+    for (apa0, mdd0, _), (apa1, mdd1, _) in zip(ref, got, strict=True):
+        for task, a, b in (("apa", apa0 or "", apa1 or ""), ("mdd", mdd0 or "", mdd1 or "")):
+            if a == b:
+                continue
+            at = len(os.path.commonprefix([a, b]))
+            lo = max(at - context // 2, 0)
+            out[task] = {"at": at, "of": len(a), "baseline": a[lo:at + context], "variant": b[lo:at + context]}
+    return out or None
 
 
 if __name__ == "__main__":

@@ -41,5 +41,51 @@ def test_bench_score_times_one_recording_call_after_call(tmp_path: Path, tiny_na
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]
     assert [r["variant"] for r in runs] == ["dynamic", "static"] and runs[0]["warm_ratio"] == 1.0
-    assert all(r["same_answers"] and r["cold_s"] > 0 and len(r["warm_s"]) == 1 for r in runs)
+    assert all(r["same_answers"] and r["first_difference"] is None and r["cold_s"] > 0 and len(r["warm_s"]) == 1
+               for r in runs)
     assert "| static |" in proc.stdout
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_eval_fills_batches_with_repeated_utterances(tmp_path: Path, tiny_native: Path) -> None:
+    """``--utterances N`` repeats the chosen utterances as recordings of their own, so a GPU run
+    can fill batches as large as the test set's; the full-set figure is then counted batch by
+    batch (a linear extrapolation from part-filled batches overstated it 1.4x on the H200)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
+                           "--splits", "test", "--limit", "2", "--utterances", "5", "--batch-size", "4",
+                           "--max-new-tokens", "2", "--set", "eval.max_new_tokens=3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    run = figures["runs"][0]
+    assert figures["utterances"] == 5 and run["examples"] == 10 and run["failures"] == 0
+    assert run["generated_tokens"] == 10 * 3  # --set comes after the options: its budget wins
+    assert run["rows_per_batch"] == 10 / run["batches"] and run["full_by_batches_s"] > 0
+    assert "in full batches of 4" in proc.stdout
+
+
+def test_full_set_counted_batch_by_batch() -> None:
+    full_by_batches = _script("bench_eval").full_by_batches
+    # 2,500 per task at 256: 10 batches each; APA 40 and MDD 120 steps a batch -> 1,600 steps
+    got = full_by_batches(5000, ["apa", "mdd"], 256, 128, per_example_s=0.02, prefill_s=1.0, step_s=0.1)
+    assert abs(got - (5000 * 0.02 + 20 * 1.0 + 1600 * 0.1)) < 1e-9
+    # a budget cap below a task's own budget shortens its batches
+    assert full_by_batches(512, ["mdd"], 256, 10, per_example_s=0, prefill_s=0, step_s=1.0) == 20
+
+
+def test_bench_score_says_where_answers_part() -> None:
+    first_difference = _script("bench_score").first_difference
+    ref = [("{'accuracy': 7}", "K AW W AA CH", None)]
+    assert first_difference(ref, list(ref)) is None
+    got = first_difference(ref, [("{'accuracy': 7}", "K AW W AA SH", None)])
+    assert set(got) == {"mdd"} and got["mdd"]["at"] == 10 and got["mdd"]["of"] == 12
+    assert got["mdd"]["baseline"].endswith("CH") and got["mdd"]["variant"].endswith("SH")
