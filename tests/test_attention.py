@@ -70,11 +70,15 @@ def test_tiny_model_generates_what_eager_generates(tiny_native: Path) -> None:
     from phi4mm_lora.config import load_config
     from phi4mm_lora.model.load import load_model
 
-    def loaded(attn: str):
-        cfg = load_config(None, [f"model.path={tiny_native}", f"model.attn_implementation={attn}"])
+    def loaded(attn: str, *more: str):
+        cfg = load_config(None, [f"model.path={tiny_native}", f"model.attn_implementation={attn}", *more])
         return load_model(cfg.model, cfg.precision, cfg.adapter).model
 
-    packed, eager = loaded("sdpa"), loaded("eager")
+    # model.sdpa_cudnn is process-wide: each load sets it, so one load cannot leak into the next
+    packed = loaded("sdpa", "model.sdpa_cudnn=false")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    eager = loaded("eager")
+    assert torch.backends.cuda.cudnn_sdp_enabled()
     assert packed.config._attn_implementation == NAME and eager.config._attn_implementation == "eager"
     text = packed.get_base_model() if hasattr(packed, "get_base_model") else packed
     assert text.model.layers[0].self_attn.num_key_value_groups > 1, "the tiny model must have GQA for this test"

@@ -241,6 +241,7 @@ def load_model(model_cfg: ModelConfig, precision: str, adapter_cfg: AdapterConfi
     layout = detect_layout(folder)
     device = pick_device(model_cfg.device)
     plan = resolve_plan(precision, device)
+    torch.backends.cuda.enable_cudnn_sdp(model_cfg.sdpa_cudnn)  # process-wide: each load states its own
     model, pretrained, planned = load_base(folder, layout, plan, adapter_cfg, model_cfg.attn_implementation)
     peft, state = attach_adapters(model, adapter_cfg, pretrained, lora_dtype=plan.lora_dtype)
     if not plan.quantised:
