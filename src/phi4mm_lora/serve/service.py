@@ -62,13 +62,21 @@ def example_sentences(limit: int = 40) -> list[str]:
     return sorted(set(lines))[:limit]
 
 
+def warms_up(cfg: RunConfig, device: Any) -> bool:
+    """Whether the service scores a bundled recording before it serves: under ``eval.compile``
+    (the compilation: 47 s on an H200) and on a GPU, where a process's first call loads kernels
+    and builds attention plans (12.4 s against 3.85 s for the next ones on an H200,
+    docs/benchmarks.md). On a CPU the first call costs about what the next ones do."""
+    return bool(cfg.eval.compile) or getattr(device, "type", str(device)) == "cuda"
+
+
 def create_service(cfg: RunConfig, run: Run | str | Path | None = None, *, limits: Limits | None = None,
                    max_batch: int = 8, max_queue: int = 64, loaded: Any | None = None,
                    sentences: list[str] | None = None) -> Service:
     """Load the model (``run``'s adapter on its base model, or ``loaded``), start the scoring
-    worker and build the app; the worker stops when the app's lifespan ends. Under
-    ``eval.compile`` the worker first scores a bundled recording, so that the compilation
-    happens here and not in the first request."""
+    worker and build the app; the worker stops when the app's lifespan ends. Where
+    :func:`warms_up` says so, the worker first scores a bundled recording, so that what a
+    process pays once happens here and not in the first request."""
     from phi4mm_lora.data.examples import bundled_recording
     from phi4mm_lora.evaluate.run import configure_and_load
     from phi4mm_lora.evaluate.score import ScoreItem
@@ -80,7 +88,7 @@ def create_service(cfg: RunConfig, run: Run | str | Path | None = None, *, limit
     prov = provenance(loaded, cfg)
     worker = ScoringWorker(cfg, loaded, max_batch=max_batch, max_queue=max_queue)
     warm = None
-    if cfg.eval.compile:
+    if warms_up(cfg, loaded.plan.device):
         audio, text = bundled_recording()
         warm = worker.warm_up(ScoreItem(str(audio), text))
     app = create_app(worker.start(), prov, limits, example_sentences() if sentences is None else sentences)
@@ -106,7 +114,7 @@ def serve(cfg: RunConfig, run: Run | str | Path | None = None, *, host: str = "1
                                if cfg.eval.compile else " ..."))
     service = create_service(cfg, limits=limits, max_batch=max_batch, max_queue=max_queue)
     if service.warm_up_s is not None:
-        say(f"compiled: the warm-up recording took {service.warm_up_s:.1f} s")
+        say(f"warmed up: the bundled recording took {service.warm_up_s:.1f} s")
     prov = service.provenance
     shown = f"[{host}]" if ":" in host else host
     merged = " (merged)" if prov.get("adapter_merged") else ""
