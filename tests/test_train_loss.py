@@ -110,3 +110,24 @@ def test_batch8_equals_batch1_times_accum8(tmp_path):
     # ~1e-6..1e-5 differences; a real mismatch (wrong normalisation) would be ~lr = 1e-3.
     assert max_diff(a, b) <= 1e-5
     assert any(("lora_B" in k) and float(v.abs().max()) > 0 for k, v in a.items())  # something trained
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_to_a_multiple_changes_the_shape_not_the_loss(loaded, side):
+    """train.pad_to_multiple_of: each batch's length rounded up (fewer distinct shapes for
+    kernels that plan or compile per shape), the extra positions masked out, so the loss and its
+    label count are those of the tight batch."""
+    cfg, lm = loaded
+    exs, _ = build_examples(cfg.data.model_copy(update={"limit": 3}), cfg.prompts, "train",
+                            audio_token=lm.processor.audio_token)
+    tight = Collator(lm.processor, padding_side=side)(exs[:5])
+    padded = Collator(lm.processor, padding_side=side, pad_to_multiple_of=64)(exs[:5])
+    length = tight["input_ids"].shape[1]
+    assert length % 64 != 0, "pick examples whose length is not already a multiple"
+    assert padded["input_ids"].shape[1] == -(-length // 64) * 64
+    assert int(padded["attention_mask"].sum()) == int(tight["attention_mask"].sum())
+    model = lm.model.eval()
+    with torch.no_grad():
+        (s1, n1), (s2, n2) = answer_loss_sum(model, tight), answer_loss_sum(model, padded)
+    assert n1 == n2 > 0
+    assert abs(float(s1) - float(s2)) <= 1e-5 * abs(float(s1))

@@ -272,6 +272,13 @@ class TrainConfig(_Section):
         description="Where the collator pads. Both give the same loss (position ids follow the "
         "attention mask); left puts every answer at the end of its row, which suits generation.",
     )
+    pad_to_multiple_of: int = Field(
+        1,
+        ge=1,
+        description="Pad each batch's token length up to a multiple of N (the loss is the same: padding is "
+        "masked). Fewer distinct shapes: kernels that plan or compile per shape (cuDNN attention, "
+        "torch.compile) meet each length once, at the cost of at most N-1 padded positions a row. 1: off.",
+    )
 
     # field validators (not one model validator) so these are reported together with any
     # other problem in the section, e.g. an unknown key

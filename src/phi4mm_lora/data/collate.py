@@ -76,6 +76,7 @@ class Collator:
     processor: Any
     padding_side: str = "right"
     feature_cache: Any = None
+    pad_to_multiple_of: int = 1  # train.pad_to_multiple_of: the token length rounded up, padding masked
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -105,7 +106,7 @@ class Collator:
         if with_audio and not with_image:
             return self._encode_clips(examples, texts)
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True,
-                                  "padding_side": self.padding_side}
+                                  "padding_side": self.padding_side, "pad_to_multiple_of": self.pad_to_multiple_of}
         if with_audio:
             kwargs["audio"] = [self._audio(ex) for ex in with_audio]
         if with_image:
@@ -134,7 +135,7 @@ class Collator:
             entries.append(entry)
             texts[i] = texts[i].replace(audio_token, audio_token * entry.audio_embed_size, 1)
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=self.padding_side,
-                                  add_special_tokens=False))
+                                  pad_to_multiple_of=self.pad_to_multiple_of, add_special_tokens=False))
         longest = max(len(e.features) for e in entries)
         feats = torch.zeros(len(entries), longest, entries[0].features.shape[1])
         mask = torch.zeros(len(entries), longest, dtype=torch.bool)

@@ -382,7 +382,8 @@ class FinetuneRecipe:
             from phi4mm_lora.data.cache import FeatureCache
 
             cache = FeatureCache(cfg.data.feature_cache, self.processor.audio_processor)
-        self.collator = Collator(self.processor, padding_side=tc.padding_side, feature_cache=cache)
+        self.collator = Collator(self.processor, padding_side=tc.padding_side, feature_cache=cache,
+                                 pad_to_multiple_of=tc.pad_to_multiple_of)
         self.lengths = [estimate_length(ex) for ex in self.examples]
         n_batches = math.ceil(len(self.examples) / tc.batch_size)
         self.spe = steps_per_epoch(n_batches, self.world, tc.grad_accum)
@@ -413,7 +414,8 @@ class FinetuneRecipe:
         available = memory_plan.device_memory(acc.device)
         self.plan = memory_plan.choose_plan(
             memory_plan.footprint(self.model, self.loaded.plan.dtype), batch_size=tc.batch_size,
-            grad_accum=tc.grad_accum, longest_tokens=longest_tokens(self.examples, self.processor.tokenizer),
+            grad_accum=tc.grad_accum, longest_tokens=-(-longest_tokens(self.examples, self.processor.tokenizer)
+                                                       // tc.pad_to_multiple_of) * tc.pad_to_multiple_of,
             available=available, mode=tc.gradient_checkpointing, micro_batch=micro, device=str(acc.device))
         memory_plan.apply_checkpointing(self.model, self.plan.gradient_checkpointing)
         self.pool_by = self.lengths if self.plan.pooled else None  # the lengths pooled passes are sorted by
