@@ -21,8 +21,9 @@
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #     cudnn    model.sdpa_cudnn=true, then false (PyTorch's cuDNN attention builds plans per new shape): per
-#              setting, one recording scored 3 times (cold, warm), bench_eval train + test at batch 32, and
-#              bench_gpu bf16 batch 8 without checkpointing, 10 steps (~330 s)
+#              setting, one recording scored 3 times (cold, warm) and bench_eval train + test at batch 32; then
+#              bench_gpu bf16 batch 8 without checkpointing, 10 steps, with cuDNN, without, and with cuDNN and
+#              train.pad_to_multiple_of=64 (fewer distinct shapes) (~370 s)
 #     full     bench_eval.py --cache-variants on 256 test utterances x 2 tasks (repeated recordings) at
 #              eval.batch_size=auto: full batches, dynamic vs static vs static+compile (~300 s: compiles)
 #
@@ -91,9 +92,10 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic --set model.sdpa_cudnn=\$f \
         --json $RES/cudnn-\$f-score.json;
       python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test --batch-size 32 \
-        --set model.sdpa_cudnn=\$f --json $RES/cudnn-\$f-eval.json;
-      python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/cudnn-\$f-train \
-        --rows bf16:8:none --set model.sdpa_cudnn=\$f; done" ;;
+        --set model.sdpa_cudnn=\$f --json $RES/cudnn-\$f-eval.json; done;
+      for s in model.sdpa_cudnn=true model.sdpa_cudnn=false train.pad_to_multiple_of=64; do
+      python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/cudnn-train-\${s//[.=]/-} \
+        --rows bf16:8:none --set \$s; done" ;;
   full) run full 420 python3 scripts/bench_eval.py --model $CK --precision bf16 --splits test --utterances 256 \
       --batch-size auto --cache-variants --json $RES/full.json ;;
   *) echo "unknown step: $step"; exit 2 ;;
