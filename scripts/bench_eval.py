@@ -118,7 +118,8 @@ class Bench:
     def measure(self, label: str, batch_size: int, exs: list | None = None, **options) -> dict:
         """One run's figures (:func:`run`), plus operator counts for --compare and --cache-variants."""
         args, loaded = self.args, self.loaded
-        fig = run(loaded, exs or self.examples, batch_size, self.max_new, args.full_examples, **options)
+        fig = run(loaded, exs or self.examples, batch_size, self.max_new, args.full_examples,
+                  encoder_batch=self.cfg.eval.encoder_batch, **options)
         self.answers[label] = fig.pop("answers")
         merged = loaded.merge is not None and loaded.merge.merged
         ops = ops_per_step(loaded, self.examples[0], **options) if args.compare or args.cache_variants else {}
@@ -212,7 +213,8 @@ def compare_runs(bench: Bench) -> list[dict]:
 def report_cache_variants(bench: Bench) -> None:
     """--cache-variants: the three runs, their ratios, whether answers agree, and generate's host work."""
     args, loaded = bench.args, bench.loaded
-    runs = cache_variants(bench.measure, loaded, bench.examples, args.batch_size, bench.max_new)
+    runs = cache_variants(bench.measure, loaded, bench.examples, args.batch_size, bench.max_new,
+                          bench.cfg.eval.encoder_batch)
     for r in runs:
         r["same_answers_as_baseline"] = bench.answers[r["run"]] == bench.answers[runs[0]["run"]]
     print_runs(runs, bench.utts, args.full_examples)
@@ -272,7 +274,7 @@ def print_runs(runs: list[dict], utts: int, full_examples: int) -> None:
               f"(this run's held {r['rows_per_batch']} rows on average)")
 
 
-def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: int) -> list[dict]:
+def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: int, encoder_batch: int = 1) -> list[dict]:
     """eval.cache=dynamic (the baseline), static, and static + eval.compile on the same model.
 
     The compiled variant first runs a warm-up pass over the same examples, which compiles every
@@ -290,7 +292,7 @@ def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: i
     def plain_pass() -> float:  # no timer hooks: what evaluate runs
         t = time.perf_counter()
         generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     progress=False, cache="static", compile=True)
+                     progress=False, cache="static", compile=True, encoder_batch=encoder_batch)
         return time.perf_counter() - t
 
     warm_s = plain_pass()
@@ -472,7 +474,7 @@ class StepTimer:
 
 
 def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int,
-        cache: str = "dynamic", compile: bool = False) -> dict:
+        cache: str = "dynamic", compile: bool = False, encoder_batch: int = 1) -> dict:
     """Generate for ``examples`` as evaluate does; wall time, throughput and its split."""
     from phi4mm_lora.evaluate.generate import batches_for, generate_all, max_tokens_for
 
@@ -480,7 +482,8 @@ def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: i
     t1 = time.perf_counter()
     try:
         gens = generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, progress=False, cache=cache, compile=compile)
+                            max_new_tokens=max_new_tokens, progress=False, cache=cache, compile=compile,
+                            encoder_batch=encoder_batch)
     finally:
         timer.remove()
     gen_s = time.perf_counter() - t1

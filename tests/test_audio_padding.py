@@ -4,10 +4,10 @@ transformers' ``Phi4MultimodalAudioModel`` adds its boolean padding mask to the 
 position bias (``hs_mask.unsqueeze(1) + relative_attention_bias``), so a padded frame gets
 +0 where a real one gets +1, not -inf: padded frames stay in every softmax. A batched encoder
 therefore gives a shorter recording other features than it gets alone, which is why
-``evaluate.embed.row_embeds`` runs the encoder per clip (issue 11 asks for batching only
-with proof that metrics do not move). This test pins the behaviour on the real architecture
-(tiny random weights): if it fails, transformers masks padding now and the encoder can be
-batched exactly.
+``model/audio_encoder.py`` masks the padding while evaluation encodes recordings together
+(tests/test_audio_batch.py). This test pins transformers' behaviour on the real architecture
+(tiny random weights): if it fails, transformers masks padding itself now, and the hooks there
+may be redundant.
 """
 
 from __future__ import annotations

@@ -369,6 +369,13 @@ class EvalConfig(_Section):
         "(a multiple of 8, at most 256) whose KV cache and prefill fit 70% of the free memory, since there a "
         "decoding step costs about the same for 8 rows as for 32; elsewhere 8. The choice is printed.",
     )
+    encoder_batch: int = Field(
+        16,
+        ge=1,
+        description="Recordings per audio-encoder call. The batch gives each recording its own features to "
+        "float rounding (transformers' encoder lets padding in; model/audio_encoder.py masks it), and saves "
+        "issuing the encoder's operators once per recording. 1: each recording alone.",
+    )
     max_new_tokens: int = 128
     """Upper bound on the answer length in tokens (a task's own budget is used when smaller)."""
     during_training: bool = True

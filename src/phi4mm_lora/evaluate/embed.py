@@ -1,11 +1,14 @@
-"""Prompt embeddings for generation: each row embedded alone, each recording encoded once.
+"""Prompt embeddings for generation: recordings encoded several at a time, each once.
 
-* **Row by row.** The audio encoder runs on one recording at a time because, batched, its
-  output for a shorter recording depends on the padding added for the longest one (measured
-  ~1e-2 on the merged embeddings): scores would then depend on the batch size. The cause is in
-  transformers: its Phi-4 audio encoder adds the boolean padding mask to the attention bias
-  (+1/+0) instead of masking, so padded frames are attended to (tests/test_audio_padding.py).
-  The decoder runs batched on the left-padded rows.
+* **Several recordings per encoder call** (``eval.encoder_batch``). transformers' Phi-4 audio
+  encoder, batched as it is, gives a shorter recording other features than it gets alone: its
+  padding is attended to and read by the subsampling convolutions (tests/test_audio_padding.py).
+  :func:`~phi4mm_lora.model.audio_encoder.exact_padding` closes both gaps, so a batch gives each
+  recording its own features to float rounding (tests/test_audio_batch.py); 1 encodes each
+  recording alone, as before. On an H200 a recording alone cost ~48 ms of preparation, nearly
+  all of it the host issuing the encoder's ~8,000 operators one by one (docs/benchmarks.md).
+  The prompt rows are then embedded one by one around the kept audio rows, and the decoder runs
+  batched on the left-padded rows.
 * **Once per recording.** Evaluation asks two tasks (APA, MDD) about every recording, and the
   audio rows of a prompt (the encoder's output, projected, at the audio placeholder positions)
   depend on the recording alone, not on the text around them. :class:`AudioRows` keeps them
@@ -70,14 +73,51 @@ class AudioRows:
     last task (generation interleaves the tasks' batches to keep that short).
     """
 
-    def __init__(self, examples: Sequence[Example]) -> None:
+    def __init__(self, examples: Sequence[Example], encoder_batch: int = 1) -> None:
         self.uses = Counter(self.key(ex) for ex in examples if not ex.image_path)
         self.rows: dict[tuple, torch.Tensor] = {}
         self.encoded = 0  # recordings that went through the encoder
+        self.encoder_batch = encoder_batch
+        self.encoder_calls = 0  # batched encoder calls (a recording encoded alone is not counted)
 
     @staticmethod
     def key(ex: Example) -> tuple:
         return ex.utt_id, ex.audio_path
+
+    def encode(self, inner: Any, processor: Any, examples: Sequence[Example], audio: dict[str, np.ndarray],
+               device: torch.device) -> None:
+        """Encode, ``encoder_batch`` at a time and shortest first, the recordings of ``examples``
+        that will be asked for and are not kept yet; what is left (a group of one, a recording too
+        long to batch) is encoded alone by :meth:`embed`."""
+        todo: dict[tuple, Example] = {}
+        for ex in examples:
+            key = self.key(ex)
+            if ex.audio_path and not ex.image_path and self.uses.get(key, 0) > 0 and key not in self.rows:
+                todo.setdefault(key, ex)
+        group_size = max(self.encoder_batch, 1)
+        order = sorted(todo.values(), key=lambda e: (len(audio[e.id]), e.id))
+        for i in range(0, len(order), group_size):
+            if len(order[i: i + group_size]) > 1:
+                self._encode_group(inner, processor, order[i: i + group_size], audio, device)
+
+    def _encode_group(self, inner: Any, processor: Any, group: list[Example], audio: dict[str, np.ndarray],
+                      device: torch.device) -> None:
+        from phi4mm_lora.model.audio_encoder import exact_padding, fits_one_batch
+
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, group, audio).items()}
+        ids = b.pop("input_ids")
+        b.pop("attention_mask", None)
+        encoder = inner.embed_tokens_extend.audio_embed.encoder
+        frames = b["audio_attention_mask"].sum(1)
+        if not fits_one_batch(encoder, frames):
+            return
+        with exact_padding(encoder, frames):
+            emb = inner.embed_tokens_extend(ids, inner.embed_tokens(ids), **b)
+        at = ids == inner.embed_tokens_extend.audio_token_id
+        for row, ex in enumerate(group):
+            self.rows[self.key(ex)] = emb[row][at[row]]
+        self.encoded += len(group)
+        self.encoder_calls += 1
 
     def embed(self, inner: Any, ex: Example, ids: torch.Tensor, features: dict[str, Any]) -> torch.Tensor:
         """``inner.embed_tokens_extend(ids, ...)`` for a one-row prompt, reusing its recording's rows."""
@@ -108,6 +148,7 @@ def row_embeds(model: torch.nn.Module, processor: Any, examples: Sequence[Exampl
     """
     inner = inner_model(model)
     rows = rows or AudioRows([])
+    rows.encode(inner, processor, examples, audio, device)
     rows_ids, rows_emb = [], []
     for ex in examples:
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, [ex], audio).items()}

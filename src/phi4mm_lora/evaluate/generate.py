@@ -228,6 +228,7 @@ def generate_all(
     audio: dict[str, np.ndarray] | None = None,
     cache: str = "dynamic",
     compile: bool = False,
+    encoder_batch: int = 1,
 ) -> list[Generation]:
     """One :class:`Generation` per example, in input order; failures carry ``error``.
 
@@ -235,7 +236,8 @@ def generate_all(
     holds already decoded 16 kHz samples by example id (the server decodes uploads in
     memory); other examples are read from their ``audio_path``. ``cache``/``compile``:
     ``eval.cache``/``eval.compile`` (:func:`cache_options`); ``compile`` also compiles the audio
-    encoder's conformer blocks, which run once per recording outside the decoding step.
+    encoder's conformer blocks, which run once per recording outside the decoding step;
+    ``encoder_batch``: ``eval.encoder_batch``, recordings per audio-encoder call (:class:`AudioRows`).
     """
     cache_options(cache, compile)  # a bad combination fails here, before any work
     if compile:
@@ -246,7 +248,7 @@ def generate_all(
     was_training = model.training
     model.eval()
     results: dict[str, Generation] = {}
-    rows = AudioRows(examples)
+    rows = AudioRows(examples, encoder_batch)
     prog, bar = _progress(progress, len(examples))
     try:
         with prog:

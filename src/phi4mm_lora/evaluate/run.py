@@ -112,7 +112,7 @@ def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
     t0 = time.perf_counter()
     gens = generate_all(model, processor, examples, batch_size=size,
                         max_new_tokens=cfg.eval.max_new_tokens, progress=progress,
-                        cache=cfg.eval.cache, compile=cfg.eval.compile)
+                        cache=cfg.eval.cache, compile=cfg.eval.compile, encoder_batch=cfg.eval.encoder_batch)
     seconds = time.perf_counter() - t0
     records = [build_record(ex, g) for ex, g in zip(examples, gens, strict=True)]
     tasks = sorted({ex.task for ex in examples})

@@ -277,7 +277,8 @@ def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
                                     cfg.eval.max_new_tokens)
     gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=size,
                                           max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded,
-                                          cache=cfg.eval.cache, compile=cfg.eval.compile)}
+                                          cache=cfg.eval.cache, compile=cfg.eval.compile,
+                                          encoder_batch=cfg.eval.encoder_batch)}
     prov = provenance(loaded, cfg)
     rubric = load_instruction("apa", cfg.prompts)
     out = []
