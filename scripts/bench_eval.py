@@ -71,11 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "is slow; its per-step figures need few examples)")
     ap.add_argument("--cache-variants", action="store_true",
                     help="baseline (dynamic cache) against eval.cache=static and static + eval.compile, as ratios")
+    ap.add_argument("--encoder-batches", type=int, nargs="+", default=None, metavar="N",
+                    help="runs on the same examples with eval.encoder_batch=N each (the first is the baseline), as "
+                         "ratios: preparation time and operators per example, and whether the answers agree")
     ap.add_argument("--profile", action="store_true",
                     help="also run the first batch under torch.profiler and print its top operators")
     args = ap.parse_args(argv)
-    if args.compare and args.cache_variants:
-        ap.error("--compare and --cache-variants are two separate runs; give one")
+    if sum(map(bool, (args.compare, args.cache_variants, args.encoder_batches))) > 1:
+        ap.error("--compare, --cache-variants and --encoder-batches are separate runs; give one")
     return args
 
 
@@ -115,11 +118,12 @@ class Bench:
                      progress=False)
         self.answers: dict[str, list] = {}
 
-    def measure(self, label: str, batch_size: int, exs: list | None = None, **options) -> dict:
+    def measure(self, label: str, batch_size: int, exs: list | None = None, encoder_batch: int | None = None,
+                **options) -> dict:
         """One run's figures (:func:`run`), plus operator counts for --compare and --cache-variants."""
         args, loaded = self.args, self.loaded
         fig = run(loaded, exs or self.examples, batch_size, self.max_new, args.full_examples,
-                  encoder_batch=self.cfg.eval.encoder_batch, **options)
+                  encoder_batch=encoder_batch or self.cfg.eval.encoder_batch, **options)
         self.answers[label] = fig.pop("answers")
         merged = loaded.merge is not None and loaded.merge.merged
         ops = ops_per_step(loaded, self.examples[0], **options) if args.compare or args.cache_variants else {}
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     if args.cache_variants:
         return report_cache_variants(bench)
+    if args.encoder_batches:
+        return report_encoder_batches(bench)
     runs = [bench.measure("baseline" if args.compare else "run", args.batch_size)]
     if args.compare:
         runs += compare_runs(bench)
@@ -208,6 +214,24 @@ def compare_runs(bench: Bench) -> list[dict]:
           f"the adapter itself moves them by up to {effect:.3g}; |logits| up to {before.abs().max().item():.3g}")
     runs[-1]["merge_logits_max_abs_diff"] = diff
     return runs
+
+
+def report_encoder_batches(bench: Bench) -> None:
+    """--encoder-batches: the same examples with each eval.encoder_batch, as ratios to the first."""
+    args = bench.args
+    runs = []
+    for n in args.encoder_batches:
+        r = bench.measure(f"encoder_batch={n}", args.batch_size, encoder_batch=n)
+        r["aten_ops_per_prep"] = ops_per_prep(bench.loaded, bench.examples[:max(args.encoder_batches)], n)
+        runs.append(r)
+    print_runs(runs, bench.utts, args.full_examples)
+    print(ratio_table(runs, ENCODER_RATIO_KEYS))
+    base = bench.answers[runs[0]["run"]]
+    for r in runs[1:]:
+        same = bench.answers[r["run"]] == base
+        r["same_answers"] = same
+        print(f"{r['run']}: answers {'identical to' if same else 'DIFFERENT from'} the baseline's ({len(base)} examples)")
+    emit({**machine_figures(bench.loaded), "splits": args.splits, "utterances": bench.utts, "runs": runs}, args.json)
 
 
 def report_cache_variants(bench: Bench) -> None:
@@ -401,23 +425,25 @@ def ops_per_step(loaded, example, **options) -> dict:
             "aten_ops_per_prep": ops_per_prep(loaded, example)}
 
 
-def ops_per_prep(loaded, example) -> int:
+def ops_per_prep(loaded, examples, encoder_batch: int = 1) -> float:
     """torch operators of one prompt's preparation: the processor, the audio encoder, the embedding.
 
-    Counted with torch.profiler on ``row_embeds`` for the example alone (its recording encoded,
-    not shared), after :func:`ops_per_step`'s unprofiled call has compiled what ``compile`` compiles.
+    Counted with torch.profiler on ``row_embeds`` for ``examples`` (one example, or several whose
+    recordings are encoded ``encoder_batch`` at a time), per example, after :func:`ops_per_step`'s
+    unprofiled call has compiled what ``compile`` compiles.
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from phi4mm_lora.data.audio import load_audio
-    from phi4mm_lora.evaluate.embed import row_embeds
+    from phi4mm_lora.evaluate.embed import AudioRows, row_embeds
 
-    audio = {example.id: load_audio(example.audio_path)}
+    examples = examples if isinstance(examples, list) else [examples]
+    audio = {ex.id: load_audio(ex.audio_path) for ex in examples}
     device = next(p.device for p in loaded.model.parameters())
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        row_embeds(loaded.model, loaded.processor, [example], audio, device)
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        row_embeds(loaded.model, loaded.processor, examples, audio, device, AudioRows(examples, encoder_batch))
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / len(examples)
 
 
 class StepTimer:
@@ -545,6 +571,10 @@ def full_by_batches(full_examples: int, tasks: list[str], batch_size: int, cap: 
 
 RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",
               "prep_ms_per_example", "examples_per_s", "aten_ops_per_step", "matmuls_per_step")
+
+
+ENCODER_RATIO_KEYS = ("prep_ms_per_example", "aten_ops_per_prep", "examples_per_s", "ms_per_decode_step",
+                      "full_by_batches_s")
 
 
 CACHE_RATIO_KEYS = ("ms_per_decode_step", "model_ms_per_step", "other_ms_per_step", "prefill_ms_per_batch",

@@ -24,11 +24,13 @@
 #              setting, one recording scored 3 times (cold, warm) and bench_eval train + test at batch 32; then
 #              bench_gpu bf16 batch 8 without checkpointing, 10 steps, with cuDNN, without, and with cuDNN and
 #              train.pad_to_multiple_of=64 (fewer distinct shapes) (~370 s)
+#     encoder  bench_eval.py --encoder-batches 1 16 on train + test at eval.batch_size=auto: recordings encoded
+#              alone vs 16 at a time (exact; preparation was a third of evaluation at batch 256) (~120 s)
 #     full     bench_eval.py --cache-variants on 256 test utterances x 2 tasks (repeated recordings) at
 #              eval.batch_size=auto: full batches, dynamic vs static vs static+compile (~300 s: compiles)
 #
 # The limits add up to more than one 15-minute lease: pick by issue (docs/benchmarks.md, "The next lease"), e.g.
-# `ckpt cudnn`, then `full` or `compile`.
+# `ckpt encoder cudnn`, then `full` or `compile`.
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
@@ -96,6 +98,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       for s in model.sdpa_cudnn=true model.sdpa_cudnn=false train.pad_to_multiple_of=64; do
       python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/cudnn-train-\${s//[.=]/-} \
         --rows bf16:8:none --set \$s; done" ;;
+  encoder) run encoder 180 python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
+      --batch-size auto --encoder-batches 1 16 --json $RES/encoder.json ;;
   full) run full 420 python3 scripts/bench_eval.py --model $CK --precision bf16 --splits test --utterances 256 \
       --batch-size auto --cache-variants --json $RES/full.json ;;
   *) echo "unknown step: $step"; exit 2 ;;

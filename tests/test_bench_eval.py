@@ -89,3 +89,19 @@ def test_bench_score_says_where_answers_part() -> None:
     got = first_difference(ref, [("{'accuracy': 7}", "K AW W AA SH", None)])
     assert set(got) == {"mdd"} and got["mdd"]["at"] == 10 and got["mdd"]["of"] == 12
     assert got["mdd"]["baseline"].endswith("CH") and got["mdd"]["variant"].endswith("SH")
+
+
+def test_bench_eval_compares_encoder_batches(tmp_path: Path, tiny_native: Path) -> None:
+    """``--encoder-batches 1 4``: the same examples with recordings encoded alone and four at a
+    time; fewer operators per prompt's preparation, the same answers."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
+                           "--splits", "test", "--limit", "4", "--batch-size", "8", "--max-new-tokens", "3",
+                           "--encoder-batches", "1", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone, together = json.loads(out.read_text())["runs"]
+    assert (alone["run"], together["run"]) == ("encoder_batch=1", "encoder_batch=4")
+    assert together["same_answers"] and together["failures"] == 0
+    assert 0 < together["aten_ops_per_prep"] < alone["aten_ops_per_prep"]
+    assert "prep_ms_per_example" in proc.stdout and "1.00x)" in proc.stdout
