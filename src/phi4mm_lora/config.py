@@ -214,9 +214,9 @@ class TrainConfig(_Section):
     """Most examples per forward/backward pass: each batch is cut into passes of at most this many, whose
     gradients add up to the batch's (same numbers, less memory, slower). Larger than batch_size (with grad_accum
     > 1): the batches of each optimizer step are pooled into fewer, larger passes, longest examples together
-    (same gradient; fewer passes' fixed cost on a GPU; at most batch_size x grad_accum). auto: the largest up to
-    batch_size that fits the GPU's free memory with the chosen gradient_checkpointing (CPU: batch_size).
-    Printed at the start of training."""
+    (same gradient; fewer passes' fixed cost on a GPU; at most batch_size x grad_accum). auto: on a GPU, the
+    largest pooled pass that fits its free memory without checkpointing, else the largest up to batch_size that
+    fits with the chosen gradient_checkpointing (CPU: batch_size). Printed at the start of training."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
