@@ -14,13 +14,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compare_runs_and_counts_operators(tmp_path: Path, tiny_native: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
-                           "--splits", "test", "--limit", "1", "--batch-size", "auto", "--max-new-tokens", "4",
-                           "--compare", "--batch1-limit", "1", "--json", str(out)],
+def run_script(name: str, model: Path, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/<name>.py --model MODEL ARGS...`` in a fresh process; it must succeed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--model", str(model), *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_compare_runs_and_counts_operators(tmp_path: Path, tiny_native: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_script("bench_eval", tiny_native, "--splits", "test", "--limit", "1", "--batch-size", "auto",
+                      "--max-new-tokens", "4", "--compare", "--batch1-limit", "1", "--json", str(out))
     runs = {r["run"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == {"baseline", "batch 1", "merged", "merged, batch 1"}
     assert all(r["failures"] == 0 and r["examples"] >= 1 and r["ms_per_decode_step"] > 0 for r in runs.values())
@@ -35,10 +40,8 @@ def test_bench_score_times_one_recording_call_after_call(tmp_path: Path, tiny_na
     lent GPU): each variant scores the bundled recording with the model loaded, cold then warm,
     and its answers must equal the baseline's."""
     out = tmp_path / "score.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_score.py"), "--model", str(tiny_native),
-                           "--repeat", "2", "--variants", "dynamic", "static", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("bench_score", tiny_native, "--repeat", "2", "--variants", "dynamic", "static", "--json",
+                      str(out))
     runs = json.loads(out.read_text())["runs"]
     assert [r["variant"] for r in runs] == ["dynamic", "static"] and runs[0]["warm_ratio"] == 1.0
     assert all(r["same_answers"] and r["first_difference"] is None and r["cold_s"] > 0 and len(r["warm_s"]) == 1
@@ -60,11 +63,9 @@ def test_bench_eval_fills_batches_with_repeated_utterances(tmp_path: Path, tiny_
     can fill batches as large as the test set's; the full-set figure is then counted batch by
     batch (a linear extrapolation from part-filled batches overstated it 1.4x on the H200)."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
-                           "--splits", "test", "--limit", "2", "--utterances", "5", "--batch-size", "4",
-                           "--max-new-tokens", "2", "--set", "eval.max_new_tokens=3", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("bench_eval", tiny_native, "--splits", "test", "--limit", "2", "--utterances", "5",
+                      "--batch-size", "4", "--max-new-tokens", "2", "--set", "eval.max_new_tokens=3", "--json",
+                      str(out))
     figures = json.loads(out.read_text())
     run = figures["runs"][0]
     assert figures["utterances"] == 5 and run["examples"] == 10 and run["failures"] == 0
@@ -95,11 +96,8 @@ def test_bench_eval_compares_encoder_batches(tmp_path: Path, tiny_native: Path) 
     """``--encoder-batches 1 4``: the same examples with recordings encoded alone and four at a
     time; fewer operators per prompt's preparation, the same answers."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_eval.py"), "--model", str(tiny_native),
-                           "--splits", "test", "--limit", "4", "--batch-size", "8", "--max-new-tokens", "3",
-                           "--encoder-batches", "1", "4", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("bench_eval", tiny_native, "--splits", "test", "--limit", "4", "--batch-size", "8",
+                      "--max-new-tokens", "3", "--encoder-batches", "1", "4", "--json", str(out))
     alone, together = json.loads(out.read_text())["runs"]
     assert (alone["run"], together["run"]) == ("encoder_batch=1", "encoder_batch=4")
     assert together["same_answers"] and together["failures"] == 0
