@@ -117,6 +117,7 @@ class Bench:
         generate_all(self.loaded.model, self.loaded.processor, self.examples[:2], batch_size=2, max_new_tokens=2,
                      progress=False)
         self.answers: dict[str, list] = {}
+        self.done: list[dict] = []  # each run as it finishes (written to --json at once: a GPU lease may end first)
 
     def measure(self, label: str, batch_size: int, exs: list | None = None, encoder_batch: int | None = None,
                 **options) -> dict:
@@ -127,7 +128,13 @@ class Bench:
         self.answers[label] = fig.pop("answers")
         merged = loaded.merge is not None and loaded.merge.merged
         ops = ops_per_step(loaded, self.examples[0], **options) if args.compare or args.cache_variants else {}
-        return {"run": label, "adapter_merged": merged, **fig, **ops}
+        figures = {"run": label, "adapter_merged": merged, **fig, **ops}
+        self.done.append(figures)
+        print_runs([figures], self.utts, args.full_examples)
+        if args.json:  # replaced by the complete figures at the end
+            with open(args.json, "w") as fh:
+                json.dump({"partial": True, "runs": self.done}, fh, indent=2)
+        return figures
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
@@ -183,7 +190,6 @@ def main(argv: list[str] | None = None) -> None:
         "merge_note": loaded.merge.reason if loaded.merge is not None else None,
         "runs": runs,
     }
-    print_runs(runs, bench.utts, args.full_examples)
     print(f"model load {bench.load_s:.1f} s")
     if args.compare:
         print(ratio_table(runs))
@@ -224,7 +230,6 @@ def report_encoder_batches(bench: Bench) -> None:
         r = bench.measure(f"encoder_batch={n}", args.batch_size, encoder_batch=n)
         r["aten_ops_per_prep"] = ops_per_prep(bench.loaded, bench.examples[:max(args.encoder_batches)], n)
         runs.append(r)
-    print_runs(runs, bench.utts, args.full_examples)
     print(ratio_table(runs, ENCODER_RATIO_KEYS))
     base = bench.answers[runs[0]["run"]]
     for r in runs[1:]:
@@ -241,7 +246,6 @@ def report_cache_variants(bench: Bench) -> None:
                           bench.cfg.eval.encoder_batch)
     for r in runs:
         r["same_answers_as_baseline"] = bench.answers[r["run"]] == bench.answers[runs[0]["run"]]
-    print_runs(runs, bench.utts, args.full_examples)
     print(ratio_table(runs, CACHE_RATIO_KEYS))
     for r in runs[1:]:
         print(f"{r['run']}: answers {'identical to' if r['same_answers_as_baseline'] else 'DIFFERENT from'} "
@@ -322,7 +326,7 @@ def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: i
     warm_s = plain_pass()
     frames = counters["frames"]["ok"]
     plain_s = plain_pass()
-    measure("static+compile", batch_size, cache="static", compile=True)  # recompiles: the hooks break the graph
+    measure("static+compile, warm-up", batch_size, cache="static", compile=True)  # recompiles: hooks break the graph
     hooked = counters["frames"]["ok"]
     r = measure("static+compile", batch_size, cache="static", compile=True)
     r.update(compile_warmup_s=round(warm_s, 1), wall_s_without_timer_hooks=round(plain_s, 2),
