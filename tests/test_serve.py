@@ -398,5 +398,5 @@ def test_the_service_warms_up_on_a_gpu_or_when_compiled() -> None:
 
     plain, compiled = load_config(None, []), load_config(None, ["eval.cache=static", "eval.compile=true"])
     assert not warms_up(plain, torch.device("cpu"))
-    assert warms_up(plain, torch.device("cuda")) and warms_up(plain, torch.device("cuda", 0))
+    assert warms_up(plain, torch.device("cuda")) and warms_up(plain, torch.device("cuda", 0)) and warms_up(plain, "cuda:1")
     assert warms_up(compiled, torch.device("cpu"))

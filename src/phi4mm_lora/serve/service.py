@@ -67,7 +67,9 @@ def warms_up(cfg: RunConfig, device: Any) -> bool:
     (the compilation: 47 s on an H200) and on a GPU, where a process's first call loads kernels
     and builds attention plans (12.4 s against 3.85 s for the next ones on an H200,
     docs/benchmarks.md). On a CPU the first call costs about what the next ones do."""
-    return bool(cfg.eval.compile) or getattr(device, "type", str(device)) == "cuda"
+    import torch
+
+    return bool(cfg.eval.compile) or torch.device(device).type == "cuda"
 
 
 def create_service(cfg: RunConfig, run: Run | str | Path | None = None, *, limits: Limits | None = None,
