@@ -255,13 +255,6 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
     unpooled setting. Raises :class:`UserError` (one line, what to change) when no candidate fits.
     """
     modes = MODES if mode == "auto" else (mode,)
-    if micro_batch == "auto" and available is not None and "none" in modes:
-        for m in micro_batch_sizes(batch_size * grad_accum):
-            need = estimate_peak(fp, "none", m * longest_tokens)
-            if m > batch_size and fits(need, available):
-                return MemoryPlan("none", m, batch_size=batch_size, grad_accum=grad_accum, available=available,
-                                  device=device, longest_tokens=longest_tokens, estimate=need,
-                                  mode_source="auto" if mode == "auto" else "config", micro_source="auto")
     micros = micro_batch_sizes(batch_size) if micro_batch == "auto" else [min(int(micro_batch), batch_size * grad_accum)]
     base = {"batch_size": batch_size, "grad_accum": grad_accum, "available": available, "device": device,
             "longest_tokens": longest_tokens,
@@ -269,11 +262,12 @@ def choose_plan(fp: Footprint, *, batch_size: int, grad_accum: int, longest_toke
             "micro_source": "auto" if micro_batch == "auto" else "config"}
     if available is None:
         return MemoryPlan(modes[0], micros[0], estimate=None, **base)
-    for m in micros:
-        for g in modes:
-            need = estimate_peak(fp, g, m * longest_tokens)
-            if fits(need, available):
-                return MemoryPlan(g, m, estimate=need, **base)
+    pooled = [(m, "none") for m in micro_batch_sizes(batch_size * grad_accum)
+              if m > batch_size and micro_batch == "auto" and "none" in modes]
+    for m, g in [*pooled, *((m, g) for m in micros for g in modes)]:
+        need = estimate_peak(fp, g, m * longest_tokens)
+        if fits(need, available):
+            return MemoryPlan(g, m, estimate=need, **base)
     need = estimate_peak(fp, modes[-1], micros[-1] * longest_tokens)
     if mode != "auto" and micro_batch != "auto":  # the user's explicit choice wins; training may still fit
         return MemoryPlan(mode, micros[0], estimate=need, **base)
