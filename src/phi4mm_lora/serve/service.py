@@ -31,7 +31,7 @@ class Service:
     provenance: dict[str, Any]
     cfg: RunConfig
     warm_up_s: float | None = None
-    """Seconds of the warm-up call under ``eval.compile`` (None: no warm-up)."""
+    """Seconds of the warm-up call, made on a GPU or under ``eval.compile`` (None: no warm-up, :func:`warms_up`)."""
 
 
 def check_address(host: str, port: int) -> None:
