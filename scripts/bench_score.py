@@ -13,6 +13,16 @@ on a GPU, the CUDA graph capture); the following calls are what a running servic
 Variants: ``dynamic`` (the default, the baseline), ``static`` (``eval.cache=static``) and
 ``static+compile`` (``eval.cache=static eval.compile=true``). Ratios are against the baseline's
 warm median in the same run, and each variant's answers must equal the baseline's.
+
+Each variant then decodes the recording once more beside the baseline with the logits kept
+(:mod:`~phi4mm_lora.evaluate.agreement`): per answer, the step where the tokens part, the
+paths' numerical noise over the steps that read the same tokens, the baseline's gap between its
+token and the variant's there, and a verdict (``same``, ``rounding`` or ``suspect``). So an
+answer that differs says whether rounding flipped a near tie or the variant computes something
+else. Only fp32 can tell a subtle fault from rounding (bf16's own rounding is as large as a little
+padding read as text on the tiny model), so for a verdict on a bf16 parting run the same variants
+with ``--precision fp32``; ``static`` is a yardstick in either: it differs from ``dynamic`` only
+in kernel shapes.
 """
 
 from __future__ import annotations
@@ -80,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         answers = [(r.get("apa_raw"), r.get("mdd_raw"), r.get("error")) for r in results]
         runs.append({"variant": name, "cold_s": round(seconds[0], 3), "warm_s": [round(s, 3) for s in seconds[1:]],
                      "warm_median_s": round(statistics.median(seconds[1:]), 3), "answers": answers})
+    for r in runs[1:]:
+        r["partings"] = partings(load_config(None, base + VARIANTS[runs[0]["variant"]]),
+                                 load_config(None, base + VARIANTS[r["variant"]]), loaded, item)
     ref = runs[0]
     print(f"scoring one recording ({audio}), both tasks, model loaded; device {loaded.plan.device}, "
           f"plan {loaded.plan.name}; {args.repeat} calls per variant")
@@ -97,11 +110,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)
+    for r in runs[1:]:
+        for task, p in zip(("apa", "mdd"), r["partings"], strict=True):
+            where = "same tokens" if p["step"] is None else (
+                f"parts at token {p['step']}, baseline's gap {p['gap']:.3g}, its runner-up rank {p['rank']}")
+            print(f"  {r['variant']}: {task}: {where}; logit noise {p['noise']:.3g} of the logits' spread -> "
+                  f"{p['verdict']}")
     for r in runs:
         for task, where in (r["first_difference"] or {}).items():
             print(f"  {r['variant']}: {task} answer parts from the baseline's at character {where['at']}: "
                   f"...{where['baseline']!r} against ...{where['variant']!r}")
     return 0 if all(r["same_answers"] for r in runs) else 1
+
+
+def partings(ref_cfg, var_cfg, loaded, item) -> list[dict]:
+    """Both tasks' :class:`~phi4mm_lora.evaluate.agreement.Parting` (apa, mdd) between two paths,
+    each decoding the recording's prompts in the batches scoring uses, with the logits kept."""
+    from phi4mm_lora.data.audio import load_audio
+    from phi4mm_lora.evaluate.agreement import TOLERANCE, compare_paths
+    from phi4mm_lora.evaluate.generate import batches_for, greedy_ids
+    from phi4mm_lora.evaluate.score import task_examples
+
+    examples = task_examples(ref_cfg, [item], loaded.processor.audio_token)
+    audio = {ex.id: load_audio(item.audio) for ex in examples}
+    tolerance = TOLERANCE["fp32" if loaded.plan.name == "fp32" else "bf16"]
+    found = {}
+    for batch in batches_for(loaded.model, examples, len(examples)):
+        ref, var = (greedy_ids(loaded.model, loaded.processor, batch, c.eval.max_new_tokens, audio, c.eval.cache,
+                               c.eval.compile, logits=True) for c in (ref_cfg, var_cfg))
+        for ex, p in zip(batch, compare_paths(*ref, *var, tolerance), strict=True):
+            found[ex.task] = p.as_dict()
+    return [found["apa"], found["mdd"]]
 
 
 def first_difference(ref: list[tuple], got: list[tuple], context: int = 24) -> dict | None:

@@ -10,7 +10,10 @@
 #     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile, and LoRA inputs
 #              as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time; then bench_score.py:
-#              the same recording 3 times per variant, dynamic vs static+compile, cold and warm (~200 s: compiles)
+#              the same recording 3 times per variant, dynamic vs static vs static+compile, cold and warm, and
+#              where each variant's answers part from the baseline's (~220 s: compiles)
+#     agree    bench_score.py in fp32, 2 calls per variant: where rounding is ~1e-6, whether the compiled
+#              path computes what the eager one does (bf16 alone cannot tell a subtle fault) (~200 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
 #     cache    bench_eval.py --cache-variants: dynamic vs static vs static+compile (minutes: compiles)
 #     attention bench_attention.py: one decoding step's attention, repeat_kv vs kv heads, batch 32 and 8 (~10 s)
@@ -76,8 +79,10 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       adapter.base=speech adapter.trainable=lora ;;
   score) run score 300 bash -c "python3 -m phi4mm_lora score --model $CK --precision bf16 \
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' src/phi4mm_lora/assets/corpus/WAVE/SPEAKER0003/000300001.flac &&
-      python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic static+compile \
+      python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic static static+compile \
       --json $RES/score.json" ;;
+  agree) run agree 300 python3 scripts/bench_score.py --model $CK --precision fp32 --repeat 2 \
+      --variants dynamic static static+compile --json $RES/agree.json ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;
   cache) run cache 240 $EVAL --limit 32 --cache-variants --json $RES/cache.json ;;
   attention) run attention 60 bash -c "python3 scripts/bench_attention.py --json $RES/attention-b32.json &&

@@ -47,6 +47,11 @@ def test_bench_score_times_one_recording_call_after_call(tmp_path: Path, tiny_na
     assert all(r["same_answers"] and r["first_difference"] is None and r["cold_s"] > 0 and len(r["warm_s"]) == 1
                for r in runs)
     assert "| static |" in proc.stdout
+    # the static cache computes what the dynamic one does, in fp32 to rounding: same tokens, ~1e-6
+    partings = runs[1]["partings"]
+    assert [p["verdict"] for p in partings] == ["same", "same"]
+    assert all(p["step"] is None and p["noise"] < 1e-4 for p in partings)
+    assert "mdd: same tokens; logit noise" in proc.stdout
 
 
 def _script(name: str):

@@ -133,6 +133,45 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def greedy_ids(
+    model: torch.nn.Module,
+    processor: Any,
+    examples: Sequence[Example],
+    max_new_tokens: int,
+    audio: dict[str, np.ndarray] | None = None,
+    cache: str = "dynamic",
+    compile: bool = False,
+    rows: AudioRows | None = None,
+    logits: bool = False,
+) -> tuple[list[list[int]], tuple[torch.Tensor, ...] | None]:
+    """One batch's greedy new token ids, one list per row (pad tokens after a row's stop, up to the
+    batch's largest budget); with ``logits``, each step's ``[rows, vocab]`` float32 logits as
+    transformers' ``generate`` returns them (``output_logits``), else None. Arguments as
+    :func:`generate_batch`."""
+    if audio is None:
+        audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
+    tok = processor.tokenizer
+    device = _device_of(model)
+    if inner_model(model) is not None:
+        ids, emb, mask = row_embeds(model, processor, examples, audio, device, rows)
+        batch: dict[str, Any] = {"input_ids": ids, "inputs_embeds": emb, "attention_mask": mask}
+    else:  # not a Phi-4-multimodal: let the processor batch everything
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, examples, audio).items()}
+    stops = stop_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
+    prompt_len = batch["input_ids"].shape[1]
+    budget = max(max_tokens_for(ex.task, max_new_tokens) for ex in examples)
+    extra = {"return_dict_in_generate": True, "output_logits": True} if logits else {}
+    out = model.generate(
+        **batch, max_new_tokens=budget, do_sample=False, num_beams=1,
+        eos_token_id=stops, pad_token_id=pad, use_cache=True,
+        **cache_options(cache, compile, prompt_len + budget), **extra,
+    )
+    seq = out.sequences if logits else out
+    new = (seq[:, prompt_len:] if seq.shape[1] > prompt_len else seq).tolist()
+    return new, (tuple(out.logits) if logits else None)
+
+
 def generate_batch(
     model: torch.nn.Module,
     processor: Any,
@@ -150,29 +189,12 @@ def generate_batch(
     mixes tasks decodes for the largest budget and cuts every row at its own, which gives the
     answer that row would get alone: greedy rows do not depend on each other.
     """
-    if audio is None:
-        audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
+    new, _ = greedy_ids(model, processor, examples, max_new_tokens, audio, cache, compile, rows)
     tok = processor.tokenizer
-    device = _device_of(model)
-    if inner_model(model) is not None:
-        ids, emb, mask = row_embeds(model, processor, examples, audio, device, rows)
-        batch: dict[str, Any] = {"input_ids": ids, "inputs_embeds": emb, "attention_mask": mask}
-    else:  # not a Phi-4-multimodal: let the processor batch everything
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor_inputs(processor, examples, audio).items()}
-    stops = stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
-    prompt_len = batch["input_ids"].shape[1]
-    budgets = [max_tokens_for(ex.task, max_new_tokens) for ex in examples]
-    out = model.generate(
-        **batch, max_new_tokens=max(budgets), do_sample=False, num_beams=1,
-        eos_token_id=stops, pad_token_id=pad, use_cache=True,
-        **cache_options(cache, compile, prompt_len + max(budgets)),
-    )
-    new = (out[:, prompt_len:] if out.shape[1] > prompt_len else out).tolist()
+    stop_set = set(stop_ids(tok))
     gens = []
-    stop_set = set(stops)
-    for ex, row, budget in zip(examples, new, budgets, strict=True):
-        row = row[:budget]
+    for ex, row in zip(examples, new, strict=True):
+        row = row[:max_tokens_for(ex.task, max_new_tokens)]
         cut = next((i for i, t in enumerate(row) if t in stop_set), None)
         kept = row if cut is None else row[:cut]
         gens.append(Generation(ex.id, ex.task, tok.decode(kept, skip_special_tokens=False),
