@@ -22,7 +22,8 @@ answer that differs says whether rounding flipped a near tie or the variant comp
 else. Only fp32 can tell a subtle fault from rounding (bf16's own rounding is as large as a little
 padding read as text on the tiny model), so for a verdict on a bf16 parting run the same variants
 with ``--precision fp32``; ``static`` is a yardstick in either: it differs from ``dynamic`` only
-in kernel shapes.
+in kernel shapes. In fp32 the bench turns TF32 off for cuDNN's convolutions (PyTorch's default
+is on), so that every path rounds as fp32 does.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     base = [f"precision={args.precision}"] + ([f"model.path={args.model}"] if args.model else []) + args.set
     cfg = load_config(None, base)
     loaded = load_for_inference(cfg)
+    if loaded.plan.name == "fp32":  # cuDNN convolutions (the audio encoder's) default to TF32, ~1e-3
+        torch.backends.cudnn.allow_tf32 = False
     default_audio, default_text = bundled_recording()
     audio = args.audio or str(default_audio)
     item = ScoreItem(audio, args.text or default_text)

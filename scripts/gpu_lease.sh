@@ -24,16 +24,16 @@
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #     cudnn    model.sdpa_cudnn=true, then false (PyTorch's cuDNN attention builds plans per new shape): per
-#              setting, one recording scored 3 times (cold, warm) and bench_eval on the test split at batch 32; then
-#              bench_gpu bf16 batch 8 without checkpointing, 10 steps, with cuDNN, without, and with cuDNN and
-#              train.pad_to_multiple_of=64 (fewer distinct shapes) (~310 s)
+#              setting, one recording scored 3 times (cold, warm); then bench_gpu bf16 batch 8 without
+#              checkpointing, 10 steps, with cuDNN, without, and with cuDNN and train.pad_to_multiple_of=64
+#              (fewer distinct shapes) (~220 s)
 #     encoder  bench_eval.py --encoder-batches 1 16 on train + test at eval.batch_size=auto: recordings encoded
 #              alone vs 16 at a time (exact; preparation was a third of evaluation at batch 256) (~120 s)
 #     full     bench_eval.py --cache-variants on 256 test utterances x 2 tasks (repeated recordings) at
 #              eval.batch_size=auto: full batches, dynamic vs static vs static+compile (~300 s: compiles)
 #
 # The limits add up to more than one 15-minute lease: pick by issue (docs/benchmarks.md, "The next lease"), e.g.
-# `ckpt encoder full`, then `cudnn`.
+# `ckpt full agree`, then `cudnn`.
 # Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
@@ -95,11 +95,9 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   auto) run auto 240 bash -c "python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
       --batch-size 32 --json $RES/auto-b32.json && python3 scripts/bench_eval.py --model $CK --precision bf16 \
       --splits train test --batch-size auto --json $RES/auto.json" ;;
-  cudnn) run cudnn 420 bash -c "for f in true false; do
+  cudnn) run cudnn 300 bash -c "for f in true false; do
       python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic --set model.sdpa_cudnn=\$f \
-        --json $RES/cudnn-\$f-score.json;
-      python3 scripts/bench_eval.py --model $CK --precision bf16 --splits test --batch-size 32 \
-        --set model.sdpa_cudnn=\$f --json $RES/cudnn-\$f-eval.json; done;
+        --json $RES/cudnn-\$f-score.json; done;
       for s in model.sdpa_cudnn=true model.sdpa_cudnn=false train.pad_to_multiple_of=64; do
       python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/cudnn-train-\${s//[.=]/-} \
         --rows bf16:8:none --set \$s; done" ;;
