@@ -110,8 +110,10 @@ class Bench:
         if args.batch_size == "auto":
             from phi4mm_lora.evaluate.batch_size import resolve_batch_size
 
+            # sized for the static cache when a run uses one (--cache-variants), as evaluate sizes it then
+            cache = "static" if args.cache_variants else self.cfg.eval.cache
             args.batch_size, how = resolve_batch_size("auto", self.loaded.model, self.loaded.processor.tokenizer,
-                                                      self.examples, self.max_new)
+                                                      self.examples, self.max_new, cache)
             print(f"--batch-size {how}")
         # warm-up (first-call allocations, lazy imports), not timed
         generate_all(self.loaded.model, self.loaded.processor, self.examples[:2], batch_size=2, max_new_tokens=2,

@@ -20,6 +20,7 @@ from phi4mm_lora.evaluate.batch_size import (
     auto_batch_size,
     bytes_per_row,
     kv_cache_bytes,
+    positions_per_row,
     resolve_batch_size,
 )
 from phi4mm_lora.evaluate.generate import generate_all
@@ -55,6 +56,21 @@ def test_auto_on_a_cpu_is_the_default_and_numbers_pass_through(merged_fresh_lora
     n, how = resolve_batch_size("auto", loaded.model, tok, picked, 128)
     assert n == AUTO_CPU and how.startswith(f"auto: {AUTO_CPU} (no GPU")
     assert resolve_batch_size(3, loaded.model, tok, picked, 128) == (3, "")
+
+
+def test_a_static_cache_is_counted_at_its_allocated_length(merged_fresh_lora) -> None:
+    """transformers allocates a static cache at the rounded length (generate.cache_options) and keeps
+    the run's largest, so auto must count that many positions, not the dynamic cache's."""
+    from phi4mm_lora.data.collate import longest_tokens
+    from phi4mm_lora.evaluate.generate import STATIC_CACHE_ROUND, cache_options
+
+    loaded, picked = merged_fresh_lora
+    tok = loaded.processor.tokenizer
+    dynamic = positions_per_row(picked, tok, 128)
+    assert dynamic == longest_tokens(picked, tok) + 120  # MDD's own budget, under the cap
+    static = positions_per_row(picked, tok, 128, "static")
+    assert static % STATIC_CACHE_ROUND == 0 and dynamic <= static < dynamic + STATIC_CACHE_ROUND
+    assert static == cache_options("static", False, dynamic)["max_cache_len"]
 
 
 def test_config_takes_auto_or_a_positive_number() -> None:

@@ -30,7 +30,7 @@ import torch
 
 from phi4mm_lora.data.collate import longest_tokens
 from phi4mm_lora.data.examples import Example
-from phi4mm_lora.evaluate.generate import max_tokens_for
+from phi4mm_lora.evaluate.generate import STATIC_CACHE_ROUND, max_tokens_for
 
 #: ``auto`` off a GPU (the default of ``eval.batch_size``).
 AUTO_CPU = 8
@@ -71,16 +71,26 @@ def free_memory(device: torch.device) -> float:
     return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def positions_per_row(examples: Sequence[Example], tokenizer: Any, max_new_tokens: int, cache: str = "dynamic") -> int:
+    """The most positions a row's KV cache holds in this run: the longest prompt plus its budget;
+    with ``eval.cache=static`` rounded up as the static cache is allocated
+    (:data:`~phi4mm_lora.evaluate.generate.STATIC_CACHE_ROUND`). transformers keeps the largest
+    static cache of a run and reuses it for shorter batches, so the longest is what stays allocated."""
+    positions = longest_tokens(examples, tokenizer) + max((max_tokens_for(ex.task, max_new_tokens) for ex in examples),
+                                                          default=max_new_tokens)
+    return -(-positions // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND if cache == "static" else positions
+
+
 def resolve_batch_size(setting: int | str, model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example],
-                       max_new_tokens: int) -> tuple[int, str]:
-    """``eval.batch_size`` as a number, and a line saying how ``auto`` chose it ("" when set)."""
+                       max_new_tokens: int, cache: str = "dynamic") -> tuple[int, str]:
+    """``eval.batch_size`` as a number, and a line saying how ``auto`` chose it ("" when set);
+    ``cache``: ``eval.cache`` (:func:`positions_per_row`)."""
     if setting != "auto":
         return int(setting), ""
     weights = model.get_input_embeddings().weight
     if weights.device.type != "cuda":
         return AUTO_CPU, f"auto: {AUTO_CPU} (no GPU: on a {weights.device.type.upper()} a step costs in proportion to its rows)"
-    positions = longest_tokens(examples, tokenizer) + max((max_tokens_for(ex.task, max_new_tokens) for ex in examples),
-                                                          default=max_new_tokens)
+    positions = positions_per_row(examples, tokenizer, max_new_tokens, cache)
     dtype_bytes = weights.element_size() if weights.is_floating_point() else 2
     per_row = bytes_per_row(model.config, positions, dtype_bytes)
     available = free_memory(weights.device)
@@ -90,4 +100,4 @@ def resolve_batch_size(setting: int | str, model: torch.nn.Module, tokenizer: An
 
 
 __all__ = ["AUTO_CPU", "AUTO_MAX", "MARGIN", "auto_batch_size", "bytes_per_row", "free_memory", "kv_cache_bytes",
-           "resolve_batch_size"]
+           "positions_per_row", "resolve_batch_size"]

@@ -108,7 +108,8 @@ def configure_and_load(cfg: RunConfig, run: Run | str | Path | None = None,
 def predict(cfg: RunConfig, model: Any, processor: Any, examples: list[Example],
             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for ``examples`` and turn the answers into records; also timing figures."""
-    size, how = resolve_batch_size(cfg.eval.batch_size, model, processor.tokenizer, examples, cfg.eval.max_new_tokens)
+    size, how = resolve_batch_size(cfg.eval.batch_size, model, processor.tokenizer, examples, cfg.eval.max_new_tokens,
+                                   cfg.eval.cache)
     t0 = time.perf_counter()
     gens = generate_all(model, processor, examples, batch_size=size,
                         max_new_tokens=cfg.eval.max_new_tokens, progress=progress,

@@ -274,7 +274,7 @@ def score_batch(cfg: RunConfig, loaded: Any | None, items: Sequence[ScoreItem],
     examples = task_examples(cfg, items, loaded.processor.audio_token)
     decoded = {ex.id: items[int(ex.utt_id)].samples for ex in examples if items[int(ex.utt_id)].samples is not None}
     size, _how = resolve_batch_size(cfg.eval.batch_size, loaded.model, loaded.processor.tokenizer, examples,
-                                    cfg.eval.max_new_tokens)
+                                    cfg.eval.max_new_tokens, cfg.eval.cache)
     gens = {g.id: g for g in generate_all(loaded.model, loaded.processor, examples, batch_size=size,
                                           max_new_tokens=cfg.eval.max_new_tokens, progress=progress, audio=decoded,
                                           cache=cfg.eval.cache, compile=cfg.eval.compile,
