@@ -146,8 +146,7 @@ def greedy_ids(
 ) -> tuple[list[list[int]], tuple[torch.Tensor, ...] | None]:
     """One batch's greedy new token ids, one list per row (pad tokens after a row's stop, up to the
     batch's largest budget); with ``logits``, each step's ``[rows, vocab]`` float32 logits as
-    transformers' ``generate`` returns them (``output_logits``), else None. Arguments as
-    :func:`generate_batch`."""
+    transformers' ``generate`` returns them (``output_logits``), else None."""
     if audio is None:
         audio = {ex.id: load_audio(ex.audio_path) for ex in examples if ex.audio_path}
     tok = processor.tokenizer
@@ -172,24 +171,17 @@ def greedy_ids(
     return new, (tuple(out.logits) if logits else None)
 
 
-def generate_batch(
-    model: torch.nn.Module,
-    processor: Any,
-    examples: Sequence[Example],
-    max_new_tokens: int,
-    audio: dict[str, np.ndarray] | None = None,
-    cache: str = "dynamic",
-    compile: bool = False,
-    rows: AudioRows | None = None,
-) -> list[Generation]:
-    """Greedy answers for one batch; ``audio`` maps example id -> 16 kHz samples; ``cache`` and
-    ``compile`` as :func:`cache_options`; ``rows`` shares audio rows across batches (:class:`AudioRows`).
+def generate_batch(model: torch.nn.Module, processor: Any, examples: Sequence[Example], max_new_tokens: int,
+                   *args: Any, **kwargs: Any) -> list[Generation]:
+    """Greedy answers for one batch: :func:`greedy_ids`'s arguments (``audio`` maps example id ->
+    16 kHz samples; ``cache`` and ``compile`` as :func:`cache_options`; ``rows`` shares audio rows
+    across batches, :class:`AudioRows`), its tokens decoded.
 
     ``max_new_tokens`` caps each row's own task budget (:func:`max_tokens_for`). A batch that
     mixes tasks decodes for the largest budget and cuts every row at its own, which gives the
     answer that row would get alone: greedy rows do not depend on each other.
     """
-    new, _ = greedy_ids(model, processor, examples, max_new_tokens, audio, cache, compile, rows)
+    new, _ = greedy_ids(model, processor, examples, max_new_tokens, *args, **kwargs)
     tok = processor.tokenizer
     stop_set = set(stop_ids(tok))
     gens = []
