@@ -62,13 +62,22 @@ def test_static_cache_is_rounding_and_a_missing_mask_is_not(merged_fresh_lora) -
     padded = [i for i, n in enumerate(mask.sum(1).tolist()) if n < mask.shape[1]]
     assert padded, "the batch must hold rows of different lengths"
     tok = loaded.processor.tokenizer
+    # The fault: the padding holds a word's embedding and the mask is left out, so rows read it as
+    # text. (Pad tokens embed to zeros, which a missing mask lets through almost unnoticed.)
+    word = loaded.model.get_input_embeddings()(torch.tensor(tok.encode(" the")[-1:]))[0]
+    emb = torch.where(mask.bool()[..., None], emb, word)
     with torch.no_grad():
         out = loaded.model.generate(input_ids=ids, inputs_embeds=emb, attention_mask=torch.ones_like(mask),
                                     max_new_tokens=6, do_sample=False, eos_token_id=stop_ids(tok),
                                     pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
     fault = (out.sequences[:, ids.shape[1]:].tolist(), out.logits)
     partings = compare_paths(*dyn, *fault)
-    # in fp32 even a little padding read as text is far above rounding (0.03-0.19 here)
-    assert all(partings[i].verdict == "suspect" and partings[i].noise > 10 * TOLERANCE["fp32"] for i in padded)
+    # No parting the fault causes is put down to rounding. In fp32 the fault stands far above
+    # rounding wherever it changed anything (0.02-3.8 against 1e-6 here; how much depends on
+    # the fresh adapter, whose lora_A comes from the global random state); a row whose attention
+    # all but ignores its few padded keys may be left as it was.
+    assert all(p.verdict != "rounding" for p in partings)
+    assert any(partings[i].verdict == "suspect" and partings[i].noise > 10 * TOLERANCE["fp32"] for i in padded)
+    assert all(partings[i].verdict == "suspect" or partings[i].noise < 1e-4 for i in padded)
     longest = [i for i in range(len(exs)) if i not in padded]
     assert all(partings[i].verdict == "same" for i in longest)  # nothing was padded there

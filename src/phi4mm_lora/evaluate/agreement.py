@@ -26,7 +26,8 @@ import torch
 #: Noise (relative to the logits' spread) above which paths differ by more than rounding.
 #: Measured on the tiny model, largest difference over 200,064 logits a step:
 #: fp32, static vs dynamic cache: 2e-6 (two layers and at full depth). A fault, the attention mask
-#: left out of a left-padded batch: 0.19 on a row with 12% padding, 5.4 on one with 64%.
+#: left out of a left-padded batch whose padding holds a word: 5.7-6.6 on a row with 64% padding,
+#: 0.02-3.8 on rows with 6-12% (a row whose attention all but ignores its padding stays unchanged).
 #: bf16 at full depth: static vs dynamic 0.05-0.06, compiled vs eager 0.06, bf16 vs fp32 0.11-0.13.
 #: So only fp32 tells a subtle fault from rounding; in bf16 the bound catches gross faults alone
 #: (docs/benchmarks.md, "Where answers part").
