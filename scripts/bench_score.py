@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         for task, p in zip(("apa", "mdd"), r["partings"], strict=True):
             where = "same tokens" if p["step"] is None else (
                 f"parts at token {p['step']}, baseline's gap {p['gap']:.3g}, its runner-up rank {p['rank']}")
-            print(f"  {r['variant']}: {task}: {where}; logit noise {p['noise']:.3g} of the logits' spread -> "
-                  f"{p['verdict']}")
+            print(f"  {r['variant']}: {task}: {where}; logit noise {p['noise']:.3g} of the logits' spread "
+                  f"(first token, from the prefill: {p['first']:.3g}) -> {p['verdict']}")
     for r in runs:
         for task, where in (r["first_difference"] or {}).items():
             print(f"  {r['variant']}: {task} answer parts from the baseline's at character {where['at']}: "

@@ -33,6 +33,7 @@ def test_definition_on_hand_written_logits() -> None:
     assert flip.step == 0 and flip.rank == 1  # the variant took the baseline's runner-up
     assert abs(flip.gap - 0.1 / std) < 1e-6
     assert abs(flip.noise - 0.06 / std) < 1e-6  # |3.9 - 3.96| is the largest difference
+    assert flip.first == flip.noise  # it parted at the first token
     assert flip.verdict == "rounding" and flip.gap <= 2 * flip.noise  # true of any flip
 
     wrong = _logits([[0.0, 0.0, 0.0, 9.0]])  # a path computing something else
@@ -45,7 +46,7 @@ def test_definition_on_hand_written_logits() -> None:
     assert lucky.step is None and lucky.verdict == "suspect"
     # noise counts only the steps that read the same tokens: after the parting the inputs differ
     later = compare_paths([[0, 0, 0]], [ref_step0] * 3, [[0, 1, 2]], [ref_step0, near, wrong], TOLERANCE["bf16"])[0]
-    assert later.step == 1 and later.verdict == "rounding"
+    assert later.step == 1 and later.verdict == "rounding" and later.first == 0.0 < later.noise
 
 
 def test_static_cache_is_rounding_and_a_missing_mask_is_not(merged_fresh_lora) -> None:

@@ -40,6 +40,9 @@ class Parting:
     ``step``: the first new-token index where the tokens differ (None: identical). ``noise``:
     the largest |reference - variant| logit over the steps both paths read the same tokens
     (up to ``step``), divided by the reference logits' standard deviation at that step.
+    ``first``: the same at the first new token alone, which comes from the prefill (transformers
+    compiles only the decoding steps, so under ``eval.compile`` it isolates the audio encoder's
+    compiled blocks and the static cache's prefill from the compiled step).
     ``gap``: at ``step``, the reference's logit of its token minus that of the variant's token,
     in the same unit; ``rank``: the variant's token's rank in the reference's logits (1: its
     runner-up). ``verdict``: ``same`` or ``rounding`` (tokens equal or not) when the noise is at
@@ -49,6 +52,7 @@ class Parting:
     row: int
     step: int | None
     noise: float
+    first: float = 0.0
     gap: float | None = None
     rank: int | None = None
     tolerance: float = TOLERANCE["fp32"]
@@ -74,15 +78,19 @@ def compare_paths(ref_ids: Sequence[Sequence[int]], ref_logits: Sequence[torch.T
         steps = min(len(ref), len(var), len(ref_logits), len(var_logits))
         step = next((t for t in range(steps) if ref[t] != var[t]), None)
         last = steps - 1 if step is None else step
-        noise = 0.0
-        for t in range(last + 1):
-            r, v = ref_logits[t][row].float(), var_logits[t][row].float()
-            noise = max(noise, ((r - v).abs().max() / r.std().clamp_min(1e-12)).item())
+        noises = [_relative_difference(ref_logits[t][row], var_logits[t][row]) for t in range(last + 1)]
+        noise, first = max(noises, default=0.0), (noises[0] if noises else 0.0)
         if step is None:
-            out.append(Parting(row, None, noise, tolerance=tolerance))
+            out.append(Parting(row, None, noise, first, tolerance=tolerance))
             continue
         r = ref_logits[step][row].float()
         gap = ((r[ref[step]] - r[var[step]]) / r.std().clamp_min(1e-12)).item()
         rank = int((r > r[var[step]]).sum().item())
-        out.append(Parting(row, step, noise, gap, rank, tolerance))
+        out.append(Parting(row, step, noise, first, gap, rank, tolerance))
     return out
+
+
+def _relative_difference(ref: torch.Tensor, var: torch.Tensor) -> float:
+    """Largest |ref - var| over the vocabulary, in units of ``ref``'s standard deviation."""
+    ref, var = ref.float(), var.float()
+    return ((ref - var).abs().max() / ref.std().clamp_min(1e-12)).item()
