@@ -135,7 +135,8 @@ def partings(ref_cfg, var_cfg, loaded, item) -> list[dict]:
     from phi4mm_lora.evaluate.score import task_examples
 
     examples = task_examples(ref_cfg, [item], loaded.processor.audio_token)
-    audio = {ex.id: load_audio(item.audio) for ex in examples}
+    samples = load_audio(item.audio)
+    audio = {ex.id: samples for ex in examples}
     tolerance = TOLERANCE["fp32" if loaded.plan.name == "fp32" else "bf16"]
     found = {}
     for batch in batches_for(loaded.model, examples, len(examples)):

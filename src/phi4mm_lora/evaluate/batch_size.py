@@ -30,7 +30,7 @@ import torch
 
 from phi4mm_lora.data.collate import longest_tokens
 from phi4mm_lora.data.examples import Example
-from phi4mm_lora.evaluate.generate import STATIC_CACHE_ROUND, max_tokens_for
+from phi4mm_lora.evaluate.generate import max_tokens_for, static_cache_length
 
 #: ``auto`` off a GPU (the default of ``eval.batch_size``).
 AUTO_CPU = 8
@@ -74,11 +74,11 @@ def free_memory(device: torch.device) -> float:
 def positions_per_row(examples: Sequence[Example], tokenizer: Any, max_new_tokens: int, cache: str = "dynamic") -> int:
     """The most positions a row's KV cache holds in this run: the longest prompt plus its budget;
     with ``eval.cache=static`` rounded up as the static cache is allocated
-    (:data:`~phi4mm_lora.evaluate.generate.STATIC_CACHE_ROUND`). transformers keeps the largest
+    (:func:`~phi4mm_lora.evaluate.generate.static_cache_length`). transformers keeps the largest
     static cache of a run and reuses it for shorter batches, so the longest is what stays allocated."""
     positions = longest_tokens(examples, tokenizer) + max((max_tokens_for(ex.task, max_new_tokens) for ex in examples),
                                                           default=max_new_tokens)
-    return -(-positions // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND if cache == "static" else positions
+    return static_cache_length(positions) if cache == "static" else positions
 
 
 def resolve_batch_size(setting: int | str, model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example],

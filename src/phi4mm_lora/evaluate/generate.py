@@ -92,6 +92,11 @@ def stop_ids(tokenizer: Any) -> list[int]:
 STATIC_CACHE_ROUND = 256
 
 
+def static_cache_length(length: int) -> int:
+    """The positions a static cache for ``length`` is allocated with: rounded up to :data:`STATIC_CACHE_ROUND`."""
+    return -(-length // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+
+
 def cache_options(cache: str = "dynamic", compile: bool = False, length: int | None = None) -> dict[str, Any]:
     """``generate`` keyword arguments for ``eval.cache`` / ``eval.compile``.
 
@@ -112,7 +117,7 @@ def cache_options(cache: str = "dynamic", compile: bool = False, length: int | N
 
     opts: dict[str, Any] = {"cache_implementation": "static"}
     if length is not None and hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5
-        opts["max_cache_len"] = -(-length // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+        opts["max_cache_len"] = static_cache_length(length)
     if compile:
         if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
             raise UserError("eval.compile=true needs a C++ compiler for torch.compile (inductor), and none is on "
