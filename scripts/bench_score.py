@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         answers = [(r.get("apa_raw"), r.get("mdd_raw"), r.get("error")) for r in results]
         runs.append({"variant": name, "cold_s": round(seconds[0], 3), "warm_s": [round(s, 3) for s in seconds[1:]],
                      "warm_median_s": round(statistics.median(seconds[1:]), 3), "answers": answers})
-    for r in runs[1:]:
-        r["partings"] = partings(load_config(None, base + VARIANTS[runs[0]["variant"]]),
-                                 load_config(None, base + VARIANTS[r["variant"]]), loaded, item)
+    found = partings([load_config(None, base + VARIANTS[r["variant"]]) for r in runs], loaded, item) if runs[1:] else []
+    for r, p in zip(runs[1:], found, strict=True):
+        r["partings"] = p
     ref = runs[0]
     print(f"scoring one recording ({audio}), both tasks, model loaded; device {loaded.plan.device}, "
           f"plan {loaded.plan.name}; {args.repeat} calls per variant")
@@ -126,25 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["same_answers"] for r in runs) else 1
 
 
-def partings(ref_cfg, var_cfg, loaded, item) -> list[dict]:
-    """Both tasks' :class:`~phi4mm_lora.evaluate.agreement.Parting` (apa, mdd) between two paths,
-    each decoding the recording's prompts in the batches scoring uses, with the logits kept."""
+def partings(cfgs: list, loaded, item) -> list[list[dict]]:
+    """For each variant after the baseline ``cfgs[0]``: both tasks' (apa, mdd)
+    :class:`~phi4mm_lora.evaluate.agreement.Parting` against the baseline, every path decoding the
+    recording's prompts in the batches scoring uses, with the logits kept (the baseline once)."""
     from phi4mm_lora.data.audio import load_audio
     from phi4mm_lora.evaluate.agreement import TOLERANCE, compare_paths
     from phi4mm_lora.evaluate.generate import batches_for, greedy_ids
     from phi4mm_lora.evaluate.score import task_examples
 
-    examples = task_examples(ref_cfg, [item], loaded.processor.audio_token)
+    examples = task_examples(cfgs[0], [item], loaded.processor.audio_token)
     samples = load_audio(item.audio)
     audio = {ex.id: samples for ex in examples}
     tolerance = TOLERANCE["fp32" if loaded.plan.name == "fp32" else "bf16"]
-    found = {}
+    found: list[dict] = [{} for _ in cfgs[1:]]
     for batch in batches_for(loaded.model, examples, len(examples)):
-        ref, var = (greedy_ids(loaded.model, loaded.processor, batch, c.eval.max_new_tokens, audio, c.eval.cache,
-                               c.eval.compile, logits=True) for c in (ref_cfg, var_cfg))
-        for ex, p in zip(batch, compare_paths(*ref, *var, tolerance), strict=True):
-            found[ex.task] = p.as_dict()
-    return [found["apa"], found["mdd"]]
+        ref, *variants = (greedy_ids(loaded.model, loaded.processor, batch, c.eval.max_new_tokens, audio, c.eval.cache,
+                                     c.eval.compile, logits=True) for c in cfgs)
+        for by_task, var in zip(found, variants, strict=True):
+            for ex, p in zip(batch, compare_paths(*ref, *var, tolerance), strict=True):
+                by_task[ex.task] = p.as_dict()
+    return [[by_task["apa"], by_task["mdd"]] for by_task in found]
 
 
 def first_difference(ref: list[tuple], got: list[tuple], context: int = 24) -> dict | None:
