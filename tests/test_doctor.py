@@ -74,3 +74,47 @@ def test_pyproject_states_the_tested_ranges():
         assert stated[pkg] == spec, (pkg, stated[pkg], spec)
         assert f"{pkg}{spec}" in readme.replace(" ", "").replace("`", ""), pkg
 
+
+
+def test_missing_torchvision_is_named_with_its_fix(tiny_native, tmp_path):
+    """transformers builds Phi-4-multimodal's processor with torchvision on every supported release,
+    so a machine without it (a bare GPU image, a --no-deps install) cannot load any checkpoint.
+    The commands say so in one line with the pip line that fixes it, and doctor lists it as a
+    problem; transformers' own message is cut off before its advice."""
+    import subprocess
+    import sys
+
+    import torch
+
+    blocked = ("import sys; sys.modules['torchvision'] = None\n"  # what `import torchvision` meets when it is absent
+               "from phi4mm_lora.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    from phi4mm_lora.data.examples import bundled_corpus_path
+
+    audio = bundled_corpus_path() / "WAVE" / "SPEAKER0003" / "000300001.flac"
+    run = subprocess.run([sys.executable, "-c", blocked, "score", "--model", str(tiny_native), "--precision", "fp32",
+                          "--text", "COW", str(audio)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    minor = int(torch.__version__.split(".")[1])
+    assert "torchvision is not installed" in err[0] and f"pip install 'torchvision==0.{minor + 15}.*'" in err[0], err
+    assert "Traceback" not in run.stderr
+    out = tmp_path / "doctor.json"
+    run = subprocess.run([sys.executable, "-c", blocked, "doctor", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    problems = json.loads(out.read_text())["problems"]
+    assert any("torchvision is not installed" in p["problem"] and "torchvision==" in p["fix"] for p in problems)
+
+
+def test_torchvision_pairs_with_this_torch():
+    """The fix's pairing rule (torchvision 0.N for torch 2.(N-15)) holds for the installed pair,
+    and an installed, importable torchvision is no problem."""
+    import torch
+    import torchvision
+
+    from phi4mm_lora.model.load import torchvision_problem
+
+    assert torchvision_problem() is None
+    assert int(torchvision.__version__.split(".")[1]) == int(torch.__version__.split(".")[1]) + 15

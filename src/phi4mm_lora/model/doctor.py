@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchcodec", "soundfile", "datasets", "flash-attn")
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torchvision", "torchcodec", "soundfile", "datasets", "flash-attn")
 
 
 @dataclass
@@ -45,6 +45,7 @@ def _ram_gb() -> tuple[float, float]:
 
 
 def diagnose() -> Diagnosis:
+    from phi4mm_lora.model.load import torchvision_problem
     from phi4mm_lora.model.precision import bf16_supported, bitsandbytes_problem, pick_device, working_plans
 
     versions = {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}}
@@ -90,6 +91,9 @@ def diagnose() -> Diagnosis:
                 "phi4mm-lora decodes audio with soundfile/soxr and never needs torchcodec; for other tools "
                 "install FFmpeg (apt-get install ffmpeg) or `pip uninstall torchcodec`.",
             ))
+    vision = torchvision_problem()
+    if vision:
+        d.problems.append(vision)
     bnb = bitsandbytes_problem(device)
     if bnb:
         d.problems.append((f"bitsandbytes cannot run: {bnb}", "use bf16/fp32 plans, or install bitsandbytes on Linux/CUDA or CPU"))

@@ -189,7 +189,33 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
     except UserError:
         raise
     except Exception as exc:
+        vision = torchvision_problem()
+        if vision:
+            raise UserError(f"{folder}: cannot load the processor: {vision[0]}; fix: {vision[1]}") from None
         raise UserError(f"{folder}: cannot load the processor/tokenizer ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def torchvision_problem() -> tuple[str, str] | None:
+    """(problem, fix) when transformers cannot build Phi-4-multimodal's processor for want of torchvision.
+
+    Every supported transformers release builds the processor's image part with torchvision
+    (the config names the torchvision class, and there is no PIL fallback), so without it no
+    processor loads, even for audio-only work; transformers' own message is long and names
+    no fix. A torchvision built for another torch release fails at import instead
+    ("operator torchvision::nms does not exist"). torchvision 0.N pairs with torch 2.(N-15).
+    """
+    minor = torch.__version__.split(".")[1]
+    pair = f"0.{int(minor) + 15}.*" if minor.isdigit() else "the release for your torch"
+    fix = f"pip install 'torchvision=={pair}' (built for torch {torch.__version__})"
+    try:
+        import torchvision  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "torchvision":
+            return f"torchvision does not import (it needs {exc.name})", fix
+        return "torchvision is not installed, and transformers needs it for Phi-4-multimodal's processor", fix
+    except Exception as exc:
+        return f"torchvision does not import ({type(exc).__name__}: {str(exc)[:120]})", fix
+    return None
 
 
 def _official_processor(folder: Path) -> Phi4MultimodalProcessor:
