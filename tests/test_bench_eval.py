@@ -97,6 +97,20 @@ def test_bench_score_says_where_answers_part() -> None:
     assert got["mdd"]["baseline"].endswith("CH") and got["mdd"]["variant"].endswith("SH")
 
 
+def test_bench_eval_counts_the_answers_that_differ() -> None:
+    """A run's answers against the baseline's: how many differ and where the median one parts,
+    since in bf16 a bare "different" cannot tell rounding on near ties from a fault."""
+    script = _script("bench_eval")
+    base = [("a", "K AW W AA CH", 5, None), ("b", "{'accuracy': 7}", 6, None), ("c", "S IH NG", 3, None)]
+    same = script.answers_differing(base, list(base))
+    assert same == {"differing": 0, "of": 3, "median_parting_char": None}
+    assert script.agreement_line(same) == "answers identical to the baseline's (3 examples)"
+    got = [("a", "K AW W AA SH", 5, None), base[1], ("c", "Z IH NG", 3, None)]
+    d = script.answers_differing(base, got)
+    assert d == {"differing": 2, "of": 3, "median_parting_char": 10}  # parted at 0 and 10
+    assert "in 2 of 3 examples" in script.agreement_line(d) and "character 10" in script.agreement_line(d)
+
+
 def test_bench_eval_compares_encoder_batches(tmp_path: Path, tiny_native: Path) -> None:
     """``--encoder-batches 1 4``: the same examples with recordings encoded alone and four at a
     time; fewer operators per prompt's preparation, the same answers."""
