@@ -86,11 +86,21 @@ def test_fused_adamw_updates_every_tensor_in_fewer_operators(tmp_path, tiny_nati
 
 def test_padding_share_counts_the_recipes_own_batches(tmp_path, tiny_native):
     """``scripts/bench_padding.py``: the same examples grouped by length or not hold the same real
-    tokens; grouping computes fewer positions."""
+    tokens; grouping computes fewer positions; rounding the length gives fewer decoder shapes."""
     from bench_padding import build, padding
 
-    recipe = build([f"model.path={tiny_native}", "data.task=both", "train.batch_size=4"], tmp_path / "run")
+    recipe = build([f"model.path={tiny_native}", "data.task=both", "train.batch_size=4", "data.limit=24"], tmp_path / "run")
     grouped, ungrouped = padding(recipe, True, 1), padding(recipe, False, 1)
     assert grouped["real"] == ungrouped["real"] > 0
     assert grouped["computed"] < ungrouped["computed"]
     assert 0 <= grouped["padding_share"] < ungrouped["padding_share"] < 1
+    # every batch's shapes are counted; rounding the token length to 64 leaves fewer decoder shapes
+    # (each a new cuDNN plan on a GPU) and the audio encoder's as they were
+    assert 1 <= grouped["decoder_shapes"] <= grouped["computed"] and grouped["audio_shapes"] >= 1
+    assert grouped["decoder_shapes_new_after_epoch_1"] == 0  # one epoch: nothing comes after it
+    exact = padding(recipe, True, 2)
+    recipe.collator.pad_to_multiple_of = 64
+    rounded = padding(recipe, True, 2)
+    assert rounded["decoder_shapes"] < exact["decoder_shapes"] and rounded["audio_shapes"] == exact["audio_shapes"]
+    assert rounded["real"] == exact["real"] and rounded["computed"] > exact["computed"]
+    assert exact["decoder_shapes_new_after_epoch_1"] <= exact["decoder_shapes"]
