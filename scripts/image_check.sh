@@ -4,7 +4,11 @@
 # "The GPU image on a CPU").
 #
 #   bash scripts/image_check.sh [STEP...]     default: every step
-#     dry      bench_gpu.py --dry-run (the harness of train, compile, pool, evaltrain, cudnn's training rows)
+#     dry      bench_gpu.py --dry-run (the harness of train and cudnn's training rows)
+#     compile  the same with train.compile=true (`compile`)
+#     pool     the same with grad_accum 2 pooled into one pass (`pool`)
+#     evaltrain the same with the paper config's evaluation during training (`evaltrain`)
+#     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
 #     agree    bench_score.py fp32, 2 calls, dynamic static static+compile (`agree`)
 #     cudnn    bench_score.py with model.sdpa_cudnn=false (`cudnn`'s scoring rows)
@@ -25,7 +29,7 @@ cd "$(dirname "$0")/.."
 IMG=${IMG:-/tmp/phi4mm-image}
 PY312=${PY312:-$(command -v python3.12)}
 W=${W:-/tmp/phi4mm-image-run}
-STEPS=${*:-dry score agree cudnn full full32 encoder compare parts attention train}
+STEPS=${*:-dry compile pool evaltrain eval score agree cudnn full full32 encoder compare parts attention train}
 [ -d .whl ] || { echo "error: .whl/ is missing: the wheels gpu_lease.sh carries (docs/benchmarks.md lists them)"; exit 2; }
 [ -n "$PY312" ] || { echo "error: no python3.12 (the image's Python); set PY312=/path/to/python3.12"; exit 2; }
 if [ ! -f "$IMG/.ok" ]; then
@@ -57,6 +61,11 @@ step() {  # step NAME CMD...: output in $W/NAME.log, one line here
 }
 for s in $STEPS; do case $s in
   dry) step dry python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu" ;;
+  compile) step compile python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-compile" --set train.compile=true ;;
+  pool) step pool python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-pool" --accum 2 --set train.micro_batch=4 ;;
+  evaltrain) step evaltrain python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-eval" \
+      --set eval.during_training=true --set eval.every_steps=2 ;;
+  eval) step eval $EVAL --precision bf16 --batch-size 32 --limit 8 --profile --json "$W/eval.json" ;;
   score) step score python3 -m phi4mm_lora score --model "$CK" --precision bf16 \
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' "$AUDIO" ;;
   agree) step agree python3 scripts/bench_score.py --model "$CK" --precision fp32 --repeat 2 \

@@ -89,3 +89,25 @@ def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
                                         "auto", "evaltrain", "pool", "cudnn", "encoder", "full", "agree"}
     # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
     assert "-size -2M" in text and "res.tgz" in text
+
+
+def test_image_check_covers_the_lease_steps() -> None:
+    """scripts/image_check.sh runs the lease's commands on the GPU image's libraries on a CPU
+    before a lease: it parses, lists what it dispatches, and has a step for every lease step
+    but the full-size checkpoint (``cache`` and ``auto`` run inside ``full``: --cache-variants
+    at eval.batch_size=auto)."""
+    import re
+
+    text = (ROOT / "scripts" / "image_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "image_check.sh")], capture_output=True).returncode == 0
+    documented = set(re.findall(r"^#     (\w+) ", text, flags=re.M))
+    dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
+    assert documented == dispatched
+    default = set(re.search(r"STEPS=\$\{\*:-([\w ]+)\}", text)[1].split())
+    assert default == dispatched
+    lease = set(re.findall(r"^  (\w+)\) ", (ROOT / "scripts" / "gpu_lease.sh").read_text(), flags=re.M))
+    assert lease - {"ckpt", "cache", "auto"} <= dispatched, lease - dispatched
+    assert "--cache-variants" in text and "--batch-size auto" in text
+    # the wheels go in exactly as on the GPU machine
+    pip = "--no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
+    assert pip in text and pip in (ROOT / "scripts" / "gpu_lease.sh").read_text()
