@@ -49,8 +49,11 @@ def padding(recipe, group: bool, epochs: int) -> dict:
             mask = batch["attention_mask"]
             computed += mask.numel()
             real += int(mask.sum())
-            shapes = {"decoder": tuple(mask.shape), "audio": tuple(batch["audio_input_features"].shape[:2])}
+            audio = batch.get("audio_input_features")
+            shapes = {"decoder": tuple(mask.shape), "audio": None if audio is None else tuple(audio.shape[:2])}
             for part, shape in shapes.items():
+                if shape is None:  # a batch without audio: no encoder shape
+                    continue
                 if shape not in seen[part]:
                     seen[part].add(shape)
                     new_later[part] += epoch > 0

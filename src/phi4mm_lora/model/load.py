@@ -198,15 +198,15 @@ def load_processor(folder: Path, layout: str = "native") -> Phi4MultimodalProces
 def torchvision_problem() -> tuple[str, str] | None:
     """(problem, fix) when transformers cannot build Phi-4-multimodal's processor for want of torchvision.
 
-    Every supported transformers release builds the processor's image part with torchvision
-    (the config names the torchvision class, and there is no PIL fallback), so without it no
+    transformers builds the processor's image part with torchvision (4.57.6, 5.17 and 5.24 were
+    tried: the config names the torchvision class, and there is no PIL fallback), so without it no
     processor loads, even for audio-only work; transformers' own message is long and names
     no fix. A torchvision built for another torch release fails at import instead
     ("operator torchvision::nms does not exist"). torchvision 0.N pairs with torch 2.(N-15).
     """
     minor = torch.__version__.split(".")[1]
-    pair = f"0.{int(minor) + 15}.*" if minor.isdigit() else "the release for your torch"
-    fix = f"pip install 'torchvision=={pair}' (built for torch {torch.__version__})"
+    fix = (f"pip install 'torchvision==0.{int(minor) + 15}.*' (built for torch {torch.__version__})" if minor.isdigit()
+           else f"install the torchvision release built for torch {torch.__version__}")
     try:
         import torchvision  # noqa: F401
     except ModuleNotFoundError as exc:
