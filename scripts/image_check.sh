@@ -27,7 +27,12 @@
 set -u
 cd "$(dirname "$0")/.."
 IMG=${IMG:-/tmp/phi4mm-image}
-PY312=${PY312:-$(command -v python3.12)}
+py312() {  # the first that runs: $PY312, python3.12 on PATH, pyenv's 3.12 (its shim may not run it)
+  for c in "${PY312:-}" python3.12 $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null); do
+    [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$c"; return; }
+  done
+}
+PY312=$(py312)
 W=${W:-/tmp/phi4mm-image-run}
 STEPS=${*:-dry compile pool evaltrain eval score agree cudnn full full32 encoder compare parts attention train}
 [ -d .whl ] || { echo "error: .whl/ is missing: the wheels gpu_lease.sh carries (docs/benchmarks.md lists them)"; exit 2; }
