@@ -23,7 +23,8 @@
 # The image: Python 3.12, torch 2.11.0 and torchvision 0.26.0 (CUDA builds; they run on the CPU), transformers
 # 5.17.0, accelerate 1.15.0, and what such an image ships besides (shared/docs/gpu-measurements.md), in a venv
 # built once at $IMG (about 5 GB, two minutes from PyPI). Over it, .whl/ is installed exactly as gpu_lease.sh
-# installs it on the GPU, so a wheel missing from .whl/ fails here too.
+# installs it on the GPU, so a wheel missing from .whl/ fails here too. Without .whl/, it first downloads
+# scripts/lease-wheels.txt into it (what `run` must carry).
 set -u
 cd "$(dirname "$0")/.."
 IMG=${IMG:-/tmp/phi4mm-image}
@@ -35,7 +36,13 @@ py312() {  # the first that runs: $PY312, python3.12 on PATH, pyenv's 3.12 (its 
 PY312=$(py312)
 W=${W:-/tmp/phi4mm-image-run}
 STEPS=${*:-dry compile pool evaltrain eval score agree cudnn full full32 encoder compare parts attention train}
-[ -d .whl ] || { echo "error: .whl/ is missing: the wheels gpu_lease.sh carries (docs/benchmarks.md lists them)"; exit 2; }
+if [ ! -d .whl ]; then  # the wheels gpu_lease.sh carries, for the image's Python 3.12 on x86-64 Linux
+  echo "downloading the lease's wheels (scripts/lease-wheels.txt) into .whl/"
+  PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r scripts/lease-wheels.txt \
+    || { rm -rf .whl; echo "error: downloading the lease's wheels failed"; exit 1; }
+fi
 [ -n "$PY312" ] || { echo "error: no python3.12 (the image's Python); set PY312=/path/to/python3.12"; exit 2; }
 if [ ! -f "$IMG/.ok" ]; then
   echo "building the image's libraries at $IMG"

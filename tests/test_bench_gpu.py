@@ -111,3 +111,18 @@ def test_image_check_covers_the_lease_steps() -> None:
     # the wheels go in exactly as on the GPU machine
     pip = "--no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
     assert pip in text and pip in (ROOT / "scripts" / "gpu_lease.sh").read_text()
+
+
+def test_the_lease_wheels_are_pinned_inside_the_tested_ranges() -> None:
+    """scripts/lease-wheels.txt (what .whl/ holds when image_check.sh downloads it) pins every
+    package, and the libraries the project checks (peft, bitsandbytes) inside their tested ranges."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from phi4mm_lora.versions import SUPPORTED
+
+    lines = [ln for ln in (ROOT / "scripts" / "lease-wheels.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    pins = {(r := Requirement(ln)).name.replace("_", "-"): str(r.specifier) for ln in lines}
+    assert all(spec.startswith("==") for spec in pins.values()), pins
+    for pkg in ("peft", "bitsandbytes"):
+        assert pins[pkg][2:] in SpecifierSet(SUPPORTED[pkg]), (pkg, pins[pkg])
