@@ -34,7 +34,8 @@
 #
 # The limits add up to more than one 15-minute lease: pick by issue (docs/benchmarks.md, "The next lease"), e.g.
 # `ckpt full agree`, then `cudnn`.
-# Needs: the project's missing packages as wheels in .whl/ (docs/benchmarks.md lists them; carry .whl).
+# Needs: the project's missing packages as wheels in .whl/ (scripts/lease-wheels.txt; scripts/image_check.sh downloads
+# them and runs these commands on the image's libraries on a CPU first; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
 # a call that runs out of time still returns what finished. Each step has its own time limit.
 set -u
