@@ -68,11 +68,13 @@ class ModelConfig(_Section):
     """Attention kernel. sdpa: PyTorch's SDPA, with one-token decoding steps run on the 8 key/value heads
     instead of a 24-head copy of the cache (model/attention.py); flash_attention_2 needs the flash-attn
     package and a GPU."""
-    sdpa_cudnn: bool = True
+    sdpa_cudnn: bool = False
     """Let PyTorch's SDPA pick cuDNN attention (its first choice on Hopper GPUs). cuDNN builds an
     execution plan for every new shape (batch, query and key lengths), and padded batches and a
-    growing cache make most shapes new; false leaves SDPA its flash, memory-efficient and math
-    kernels. Process-wide (torch.backends.cuda.enable_cudnn_sdp); no effect without CUDA."""
+    growing cache make most shapes new. Off by default: on an H200 it made a training step 1.23x
+    slower (0.441 s against 0.359 s, bf16 batch 8) and the first scoring call 2.2x (10.0 s against
+    4.5 s), and gained nothing warm (docs/benchmarks.md, item 28). Off leaves SDPA its flash,
+    memory-efficient and math kernels. Process-wide (torch.backends.cuda.enable_cudnn_sdp); no effect without CUDA."""
 
 
 class AdapterConfig(_Section):
