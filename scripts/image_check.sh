@@ -11,7 +11,7 @@
 #     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
 #     agree    bench_score.py fp32, 2 calls, dynamic static static+compile (`agree`)
-#     cudnn    bench_score.py with model.sdpa_cudnn=false (`cudnn`'s scoring rows)
+#     cudnn    bench_score.py with model.sdpa_cudnn=true, the non-default (`cudnn`'s scoring rows)
 #     full     bench_eval.py --cache-variants at eval.batch_size=auto, bf16 (`full`, `cache`)
 #     full32   the same in fp32: the static cache and the compiled path must give the same answers
 #     encoder  bench_eval.py --encoder-batches 1 16 (`encoder`)
@@ -83,7 +83,7 @@ for s in $STEPS; do case $s in
   agree) step agree python3 scripts/bench_score.py --model "$CK" --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json "$W/agree.json" ;;
   cudnn) step cudnn python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \
-      --set model.sdpa_cudnn=false --json "$W/cudnn.json" ;;
+      --set model.sdpa_cudnn=true --json "$W/cudnn.json" ;;
   full) step full $EVAL --precision bf16 --utterances 12 --batch-size auto --cache-variants --json "$W/full.json" ;;
   full32) step full32 bash -c "$EVAL --precision fp32 --utterances 12 --batch-size auto --cache-variants \
       --json $W/full32.json && ! grep -q DIFFERENT $W/full32.log" ;;  # fp32: a different answer is a fault
