@@ -12,6 +12,9 @@
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time; then bench_score.py:
 #              the same recording 3 times per variant, dynamic vs static vs static+compile, cold and warm, and
 #              where each variant's answers part from the baseline's (~220 s: compiles)
+#     scorelen bench_score.py, the default path (dynamic cache, bf16), eval.max_new_tokens=63: decoding stops where a
+#              trained model would on this recording (its MDD answer is 63 tokens with <|end|>, its APA answer 21);
+#              the forced budgets of `score` (120 shared steps) are a random model's, which never stops (~40 s)
 #     agree    bench_score.py in fp32, 2 calls per variant: where rounding is ~1e-6, whether the compiled
 #              path computes what the eager one does (bf16 alone cannot tell a subtle fault) (~200 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
@@ -82,6 +85,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' src/phi4mm_lora/assets/corpus/WAVE/SPEAKER0003/000300001.flac &&
       python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic static static+compile \
       --json $RES/score.json" ;;
+  scorelen) run scorelen 150 python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic \
+      --set eval.max_new_tokens=63 --json $RES/scorelen.json ;;
   agree) run agree 300 python3 scripts/bench_score.py --model $CK --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json $RES/agree.json ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;

@@ -10,6 +10,7 @@
 #     evaltrain the same with the paper config's evaluation during training (`evaltrain`)
 #     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
+#     scorelen bench_score.py, default path, eval.max_new_tokens=63 (`scorelen`)
 #     agree    bench_score.py fp32, 2 calls, dynamic static static+compile (`agree`)
 #     cudnn    bench_score.py with model.sdpa_cudnn=true, the non-default (`cudnn`'s scoring rows)
 #     full     bench_eval.py --cache-variants at eval.batch_size=auto, bf16 (`full`, `cache`)
@@ -35,7 +36,7 @@ py312() {  # the first that runs: $PY312, python3.12 on PATH, pyenv's 3.12 (its 
 }
 PY312=$(py312)
 W=${W:-/tmp/phi4mm-image-run}
-STEPS=${*:-dry compile pool evaltrain eval score agree cudnn full full32 encoder compare parts attention train}
+STEPS=${*:-dry compile pool evaltrain eval score scorelen agree cudnn full full32 encoder compare parts attention train}
 if [ ! -d .whl ]; then  # the wheels gpu_lease.sh carries, for the image's Python 3.12 on x86-64 Linux
   echo "downloading the lease's wheels (scripts/lease-wheels.txt) into .whl/"
   PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -80,6 +81,8 @@ for s in $STEPS; do case $s in
   eval) step eval $EVAL --precision bf16 --batch-size 32 --limit 8 --profile --json "$W/eval.json" ;;
   score) step score python3 -m phi4mm_lora score --model "$CK" --precision bf16 \
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' "$AUDIO" ;;
+  scorelen) step scorelen python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \
+      --set eval.max_new_tokens=63 --json "$W/scorelen.json" ;;
   agree) step agree python3 scripts/bench_score.py --model "$CK" --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json "$W/agree.json" ;;
   cudnn) step cudnn python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \

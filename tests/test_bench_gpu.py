@@ -86,7 +86,8 @@ def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
     documented = set(re.findall(r"^#     (\w+) ", text, flags=re.M))
     dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
     assert documented == dispatched == {"ckpt", "train", "compile", "parts", "eval", "score", "compare", "cache", "attention",
-                                        "auto", "evaltrain", "pool", "cudnn", "encoder", "full", "agree"}
+                                        "auto", "evaltrain", "pool", "cudnn", "encoder", "full", "agree",
+                                        "scorelen"}
     # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
     assert "-size -2M" in text and "res.tgz" in text
 
