@@ -65,8 +65,9 @@ def example_sentences(limit: int = 40) -> list[str]:
 def warms_up(cfg: RunConfig, device: Any) -> bool:
     """Whether the service scores a bundled recording before it serves: under ``eval.compile``
     (the compilation: 47 s on an H200) and on a GPU, where a process's first call loads kernels
-    and builds attention plans (12.4 s against 3.85 s for the next ones on an H200,
-    docs/benchmarks.md). On a CPU the first call costs about what the next ones do."""
+    (on an H200, 4.5 s against 3.2 s for the next ones; 10.0 s with ``model.sdpa_cudnn=true``, which
+    also builds attention plans; docs/benchmarks.md, "third lease"). On a CPU the first call costs
+    about what the next ones do."""
     import torch
 
     return bool(cfg.eval.compile) or torch.device(device).type == "cuda"
