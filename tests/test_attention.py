@@ -77,7 +77,7 @@ def test_tiny_model_generates_what_eager_generates(tiny_native: Path) -> None:
     # model.sdpa_cudnn is process-wide: each load sets it, so one load cannot leak into the next
     packed = loaded("sdpa", "model.sdpa_cudnn=true")
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    eager = loaded("eager")  # the default: off (a GPU measured it slower, docs/benchmarks.md item 28)
+    eager = loaded("eager")  # the default: off (a GPU measured it slower, docs/benchmarks.md "third lease")
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert packed.config._attn_implementation == NAME and eager.config._attn_implementation == "eager"
     text = packed.get_base_model() if hasattr(packed, "get_base_model") else packed

@@ -73,7 +73,7 @@ class ModelConfig(_Section):
     execution plan for every new shape (batch, query and key lengths), and padded batches and a
     growing cache make most shapes new. Off by default: on an H200 it made a training step 1.23x
     slower (0.441 s against 0.359 s, bf16 batch 8) and the first scoring call 2.2x (10.0 s against
-    4.5 s), and gained nothing warm (docs/benchmarks.md, item 28). Off leaves SDPA its flash,
+    4.5 s), and gained nothing warm (docs/benchmarks.md, "third lease"). Off leaves SDPA its flash,
     memory-efficient and math kernels. Process-wide (torch.backends.cuda.enable_cudnn_sdp); no effect without CUDA."""
 
 
