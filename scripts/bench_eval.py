@@ -239,8 +239,8 @@ def report_encoder_batches(bench: Bench) -> None:
     print(ratio_table(runs, ENCODER_RATIO_KEYS))
     base = bench.answers[runs[0]["run"]]
     for r in runs[1:]:
-        r["same_answers"] = bench.answers[r["run"]] == base
         r["answers_differing"] = answers_differing(base, bench.answers[r["run"]])
+        r["same_answers"] = r["answers_differing"]["differing"] == 0
         print(f"{r['run']}: {agreement_line(r['answers_differing'])}")
     emit({**machine_figures(bench.loaded), "splits": args.splits, "utterances": bench.utts, "runs": runs}, args.json)
 
@@ -268,8 +268,8 @@ def report_cache_variants(bench: Bench) -> None:
     runs = cache_variants(bench.measure, loaded, bench.examples, args.batch_size, bench.max_new,
                           bench.cfg.eval.encoder_batch)
     for r in runs:
-        r["same_answers_as_baseline"] = bench.answers[r["run"]] == bench.answers[runs[0]["run"]]
         r["answers_differing"] = answers_differing(bench.answers[runs[0]["run"]], bench.answers[r["run"]])
+        r["same_answers_as_baseline"] = r["answers_differing"]["differing"] == 0
     print(ratio_table(runs, CACHE_RATIO_KEYS))
     for r in runs[1:]:
         print(f"{r['run']}: {agreement_line(r['answers_differing'])}")
