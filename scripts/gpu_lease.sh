@@ -5,7 +5,7 @@
 #     ckpt     write the random full-size checkpoint to /tmp/full (skipped when it is there; ~30 s)
 #     train    bench_gpu.py: the earlier table's rows + bf16 batch 1 + auto (~45 s a row, 7 rows)
 #     eval     bench_eval.py: test split, 50 utterances x 2 tasks, batch 32, merged, + profile (~100 s)
-#     compile  bench_gpu.py with train.compile=true: bf16 batch 8 without/with checkpointing, batch 1
+#     compile  bench_gpu.py with train.compile=true: bf16 batch 8 and batch 1 without checkpointing, then batch 8 with
 #              (each row compiles in its own process: minutes; inductor's cache helps the later rows)
 #     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile, and LoRA inputs
 #              as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
@@ -76,7 +76,7 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   train) run train 360 python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 --warmup 3 --out $RES/bench-gpu \
       --rows bf16:8:full,bf16:8:none,selective:1:full,selective:8:full,nf4:8:full,bf16:1:none,bf16:8:auto ;;
   compile) run compile 400 python3 scripts/bench_gpu.py --checkpoint $CK --steps 12 --warmup 5 \
-      --out $RES/bench-gpu-compile --set train.compile=true --rows bf16:8:none,bf16:8:full,bf16:1:none ;;
+      --out $RES/bench-gpu-compile --set train.compile=true --rows bf16:8:none,bf16:1:none,bf16:8:full ;;
   eval) run eval 150 $EVAL --limit 50 --profile --json $RES/eval.json ;;
   parts) run parts 150 python3 scripts/bench_train_cpu.py --steps 4 --warmup 1 --threads 0 --profile --count-casts \
       --json $RES/parts.json model.path=$CK model.device=cuda precision=bf16 adapter.mode=pretrained \
