@@ -242,8 +242,10 @@ def cast_table(c: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def profile_step(recipe, exs: list, rows: int = 15) -> str:
-    """torch.profiler's table of one step (batch ``exs``), by self CPU time (self CUDA time on a GPU)."""
+def profile_step(recipe, exs: list, rows: int = 15) -> dict[str, str]:
+    """torch.profiler's tables of one step (batch ``exs``): by self CPU time, and on a GPU also by self
+    CUDA time. The CPU table is where host work shows that keeps a GPU waiting (per-shape kernel plans,
+    launches, syncs); the CUDA one is the kernels' own time."""
     from torch.profiler import ProfilerActivity, profile
 
     from phi4mm_lora.train.finetune import _to_device
@@ -253,8 +255,10 @@ def profile_step(recipe, exs: list, rows: int = 15) -> str:
     with profile(activities=acts) as prof:
         recipe.train_step([_to_device(recipe.collator(exs), recipe.accelerator.device)], epoch=0)
         _sync()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    stats = prof.key_averages()
+    keys = {"CUDA": "self_cuda_time_total"} if cuda else {}
+    keys["CPU"] = "self_cpu_time_total"
+    return {name: stats.table(sort_by=key, row_limit=rows) for name, key in keys.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-depth", action="store_true",
                     help="the tiny model at the published depth and head counts (model.tiny.FULL_DEPTH): the real "
                          "number of operators per step on toy tensors, a CPU stand-in for a GPU step's host work")
-    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a batch-8 step")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operators of a batch-8 and a batch-1 step (on a GPU by self "
+                         "CUDA time and by self CPU time)")
     ap.add_argument("--count-casts", action="store_true",
                     help="also count one batch-8 step's copies/casts and time --steps steps, LoRA inputs as-is vs "
                          "PEFT's cast to fp32 (needs an autocasting plan: precision=bf16)")
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             finetune.loss_mod.answer_loss_sum = saved[0]
             acc.backward, acc.clip_grad_norm_, opt.step, opt.zero_grad = saved[1:]
         syncs8, syncs1 = count_syncs(recipe, examples), count_syncs(recipe, examples[:1])
-        prof = profile_step(recipe, examples) if args.profile else None
+        prof = {8: profile_step(recipe, examples), 1: profile_step(recipe, examples[:1])} if args.profile else None
         casts = count_casts(recipe, examples, args.steps) if args.count_casts else None
 
     report = {
@@ -321,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         "batch1_over_batch8_step_min": b1["step_min"] / b8["step_min"],
     }
     print(table(report))
-    if prof:
-        print("\ntorch.profiler, one batch-8 step, top operators by self "
-              f"{'CUDA' if 'cuda' in str(recipe.accelerator.device) else 'CPU'} time:\n" + prof)
+    for batch, tables in (prof or {}).items():
+        for by, text in tables.items():
+            print(f"\ntorch.profiler, one batch-{batch} step, top operators by self {by} time:\n" + text)
     if casts:
         report["casts_batch8"] = casts
         print("\ncopies of one batch-8 step (aten ops below autograd, bytes written), LoRA inputs left in the "

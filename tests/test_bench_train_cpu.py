@@ -104,3 +104,18 @@ def test_padding_share_counts_the_recipes_own_batches(tmp_path, tiny_native):
     assert rounded["decoder_shapes"] < exact["decoder_shapes"] and rounded["audio_shapes"] == exact["audio_shapes"]
     assert rounded["real"] == exact["real"] and rounded["computed"] > exact["computed"]
     assert exact["decoder_shapes_new_after_epoch_1"] <= exact["decoder_shapes"]
+
+
+def test_profile_prints_a_batch_8_and_a_batch_1_step(tiny_native):
+    """``--profile`` (the lease's ``parts`` step): a table for each batch size, since the GPU's open
+    question is what a batch-1 step still costs (issue 10: at most 1/4 of a batch-8 step)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "bench_train_cpu.py"), "--steps", "2", "--warmup", "1",
+                           "--profile", f"model.path={tiny_native}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for batch in (8, 1):
+        head = f"torch.profiler, one batch-{batch} step, top operators by self CPU time:"
+        assert head in proc.stdout
+        assert "aten::" in proc.stdout.split(head, 1)[1]
