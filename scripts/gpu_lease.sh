@@ -7,14 +7,16 @@
 #     eval     bench_eval.py: test split, 50 utterances x 2 tasks, batch 32, merged, + profile (~100 s)
 #     compile  bench_gpu.py with train.compile=true: bf16 batch 8 and batch 1 without checkpointing, then batch 8 with
 #              (each row compiles in its own process: minutes; inductor's cache helps the later rows)
-#     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profile, and LoRA inputs
-#              as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
+#     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profiles of a batch-8 and a batch-1
+#              step, and LoRA inputs as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time; then bench_score.py:
 #              the same recording 3 times per variant, dynamic vs static vs static+compile, cold and warm, and
 #              where each variant's answers part from the baseline's (~220 s: compiles)
 #     scorelen bench_score.py, the default path (dynamic cache, bf16), eval.max_new_tokens=63: decoding stops where a
 #              trained model would on this recording (its MDD answer is 63 tokens with <|end|>, its APA answer 21);
 #              the forced budgets of `score` (120 shared steps) are a random model's, which never stops (~40 s)
+#     scoremany bench_score.py, the default path, eval.max_new_tokens=63, then the 6 longest other bundled recordings
+#              (4.4-5.9 s) once each: every request a new audio length, as a service meets them (~60 s)
 #     agree    bench_score.py in fp32, 2 calls per variant: where rounding is ~1e-6, whether the compiled
 #              path computes what the eager one does (bf16 alone cannot tell a subtle fault) (~200 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
@@ -87,6 +89,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       --json $RES/score.json" ;;
   scorelen) run scorelen 150 python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic \
       --set eval.max_new_tokens=63 --json $RES/scorelen.json ;;
+  scoremany) run scoremany 180 python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic \
+      --set eval.max_new_tokens=63 --recordings 6 --json $RES/scoremany.json ;;
   agree) run agree 300 python3 scripts/bench_score.py --model $CK --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json $RES/agree.json ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;

@@ -87,7 +87,7 @@ def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
     dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
     assert documented == dispatched == {"ckpt", "train", "compile", "parts", "eval", "score", "compare", "cache", "attention",
                                         "auto", "evaltrain", "pool", "cudnn", "encoder", "full", "agree",
-                                        "scorelen"}
+                                        "scorelen", "scoremany"}
     # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
     assert "-size -2M" in text and "res.tgz" in text
 
