@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,9 @@ def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, 
     return {**child, "rows": rows}
 
 
-def measure(args: argparse.Namespace, model_path: str | None, device: str, out: Path) -> list[dict]:
+def measure(args: argparse.Namespace, model_path: str | None, device: str, out: Path,
+            on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Each row of ``args.rows``, measured; ``on_row`` gets the rows so far after each one."""
     from phi4mm_lora.config import ModelConfig
     from phi4mm_lora.model.load import resolve_path
 
@@ -147,6 +150,8 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
                 row.update(eval_s=r["summary"]["eval_s"],
                            eval_share_of_epoch=r["summary"]["eval_s"] * st["examples_per_s"] / EPOCH_EXAMPLES)
         results.append(row)
+        if on_row is not None:
+            on_row(results)
         print(table_line(row), flush=True)
         if row.get("eval_s"):
             print(f"  evaluation during training: {row['eval_s']:.1f} s, {row['eval_share_of_epoch']:.1%} of a "
@@ -271,18 +276,20 @@ def main(argv: list[str] | None = None) -> int:
             write_s = time.perf_counter() - t_w
             print(f"wrote a random full-size checkpoint in {write_s:.0f} s", flush=True)
     print(HEADER, flush=True)
-    rows = measure(args, model_path, device, args.out)
-    report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
-              "overrides": args.extra, "grad_accum": args.accum,
-              "steps": args.steps, "warmup": args.warmup, "checkpoint_write_s": write_s,
-              "total_s": time.perf_counter() - t0, "rows": rows}
-    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
-    extra = f" Overrides: {' '.join(args.extra)}." if args.extra else ""
-    extra += f" grad_accum {args.accum}: a step is {args.accum} batches." if args.accum > 1 else ""
-    md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.{extra}\n\n{HEADER}\n"
-    md += "\n".join(table_line(r) for r in rows) + "\n"
-    (args.out / "bench.md").write_text(md)
-    print(f"total {report['total_s']:.0f} s; wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+
+    def write(rows: list[dict]) -> None:  # after every row: a run cut short by a time limit keeps what finished
+        report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
+                  "overrides": args.extra, "grad_accum": args.accum, "steps": args.steps, "warmup": args.warmup,
+                  "checkpoint_write_s": write_s, "total_s": time.perf_counter() - t0,
+                  "rows_planned": len(args.rows), "rows": rows}
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+        extra = f" Overrides: {' '.join(args.extra)}." if args.extra else ""
+        extra += f" grad_accum {args.accum}: a step is {args.accum} batches." if args.accum > 1 else ""
+        md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.{extra}\n\n{HEADER}\n"
+        (args.out / "bench.md").write_text(md + "\n".join(table_line(r) for r in rows) + "\n")
+
+    rows = measure(args, model_path, device, args.out, on_row=write)
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -6,7 +6,7 @@
 #     train    bench_gpu.py: the earlier table's rows + bf16 batch 1 + auto (~45 s a row, 7 rows)
 #     eval     bench_eval.py: test split, 50 utterances x 2 tasks, batch 32, merged, + profile (~100 s)
 #     compile  bench_gpu.py with train.compile=true: bf16 batch 8 and batch 1 without checkpointing, then batch 8 with
-#              (each row compiles in its own process: minutes; inductor's cache helps the later rows)
+#              (each row compiles in its own process: about 2 min a row on an H200, so 400 s holds two rows)
 #     parts    bench_train_cpu.py on the GPU: a step split into parts, syncs, profiles of a batch-8 and a batch-1
 #              step, and LoRA inputs as-is vs PEFT's fp32 cast timed in one process (--count-casts) (~60 s)
 #     score    `phi4mm-lora score` on one 5.0 s bundled recording, both tasks: prints the time; then bench_score.py:
@@ -50,7 +50,7 @@ RES=/tmp/res
 CK=/tmp/full
 mkdir -p "$OUT" "$RES"
 log() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
-pack() { (cd /tmp && find res -type f \( -name '*.log' -o -name '*.json' -o -name '*.md' -o -name '*.txt' \) \
+pack() { (cd /tmp && find res -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.txt' \) \
   -size -2M | tar czf "$OUT/res.tgz" -T -); }
 if [ ! -f /tmp/site/.ok ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

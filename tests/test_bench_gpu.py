@@ -54,6 +54,7 @@ def test_dry_run_measures_the_real_recipe_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     assert [(r["plan"], r["batch"]) for r in report["rows"]] == [("fp32", 2), ("fp32", 1)]
+    assert report["rows_planned"] == 2
     for r in report["rows"]:
         assert r["steps"] == 2 and r["s_per_step"] > 0 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["mfu"] is None  # no known peak FLOP/s for a CPU: never a made-up figure
@@ -127,3 +128,23 @@ def test_the_lease_wheels_are_pinned_inside_the_tested_ranges() -> None:
     assert all(spec.startswith("==") for spec in pins.values()), pins
     for pkg in ("peft", "bitsandbytes"):
         assert pins[pkg][2:] in SpecifierSet(SUPPORTED[pkg]), (pkg, pins[pkg])
+
+
+def test_a_run_cut_short_keeps_the_rows_that_finished(tmp_path):
+    """On a lent GPU a step's time limit kills bench_gpu.py mid-row (the fourth lease lost its
+    compiled rows' JSON that way): bench.json and bench.md are rewritten after every row."""
+    import signal
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:  # the first row's table line is printed after its files are written
+            if line.startswith("| fp32 |"):
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    report = json.loads((out / "bench.json").read_text())
+    assert report["rows_planned"] == 2 and [r["batch"] for r in report["rows"]] == [2]
+    assert (out / "bench.md").read_text().count("| fp32 |") == 1
