@@ -17,13 +17,14 @@ unmerged, ``--batch-size``) and alongside it: unmerged at batch 1, then the adap
 as a ratio to the baseline.
 
 ``--cache-variants`` runs, on the same examples and the same loaded model (merged as evaluate
-loads it), the baseline (``eval.cache=dynamic``) and alongside it ``eval.cache=static`` and
-``eval.cache=static eval.compile=true`` (its compilation, recompilations included, timed apart
-in a warm-up pass over the same examples), prints the same figures as ratios to the baseline
-and says whether each variant's answers are identical to the baseline's, with the operators
-of one decoding step and of one prompt's preparation (``eval.compile`` compiles the audio
-encoder's blocks too). It also times, alone
-on tensors of the run's shapes, the per-step host work inside transformers' ``generate``
+loads it), the baseline (``eval.cache=dynamic``) and alongside it ``eval.cache=static``,
+``eval.cache=static eval.compile=true`` and ``eval.compile=cudagraphs`` (each compiled one's
+compilation, recompilations included, timed apart in a warm-up pass over the same examples),
+prints the same figures as ratios to the baseline and says whether each variant's answers are
+identical to the baseline's, with the operators of one decoding step and of one prompt's
+preparation (``eval.compile=true`` compiles the audio encoder's blocks too; ``cudagraphs`` does
+not). It also times, alone on tensors of the run's shapes, the per-step host work inside
+transformers' ``generate``
 (float32 logits copy, argmax, stopping criteria) and reports the ``logits_to_keep`` the prefill
 got.
 
@@ -70,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="with --compare: the batch-1 runs take only the first N examples of each task (batch 1 "
                     "is slow; its per-step figures need few examples)")
     ap.add_argument("--cache-variants", action="store_true",
-                    help="baseline (dynamic cache) against eval.cache=static and static + eval.compile, as ratios")
+                    help="baseline (dynamic cache) against eval.cache=static, static + eval.compile=true and static + "
+                         "eval.compile=cudagraphs, as ratios")
     ap.add_argument("--encoder-batches", type=int, nargs="+", default=None, metavar="N",
                     help="runs on the same examples with eval.encoder_batch=N each (the first is the baseline), as "
                          "ratios: preparation time and operators per example, and whether the answers agree")
@@ -263,7 +265,7 @@ def agreement_line(d: dict) -> str:
 
 
 def report_cache_variants(bench: Bench) -> None:
-    """--cache-variants: the three runs, their ratios, whether answers agree, and generate's host work."""
+    """--cache-variants: the four runs, their ratios, whether answers agree, and generate's host work."""
     args, loaded = bench.args, bench.loaded
     runs = cache_variants(bench.measure, loaded, bench.examples, args.batch_size, bench.max_new,
                           bench.cfg.eval.encoder_batch)
@@ -326,38 +328,49 @@ def print_runs(runs: list[dict], utts: int, full_examples: int) -> None:
 
 
 def cache_variants(measure, loaded, examples, batch_size: int, max_new_tokens: int, encoder_batch: int = 1) -> list[dict]:
-    """eval.cache=dynamic (the baseline), static, and static + eval.compile on the same model.
+    """eval.cache=dynamic (the baseline), static, static + eval.compile=true (inductor) and static +
+    eval.compile=cudagraphs on the same model.
 
-    The compiled variant first runs a warm-up pass over the same examples, which compiles every
+    Each compiled variant first runs a warm-up pass over the same examples, which compiles every
     shape the timed pass meets (each new batch size or static-cache length is a recompilation);
     its time and the graphs compiled are reported apart, and the timed pass counts any further
     compilation.
     """
+    runs = [measure("dynamic (baseline)", batch_size), measure("static", batch_size, cache="static")]
+    for name, compile in (("static+compile", True), ("static+cudagraphs", "cudagraphs")):
+        runs.append(compiled_variant(measure, loaded, examples, batch_size, max_new_tokens, encoder_batch, name,
+                                     compile))
+    return runs
+
+
+def compiled_variant(measure, loaded, examples, batch_size: int, max_new_tokens: int, encoder_batch: int, name: str,
+                     compile: bool | str) -> dict:
+    """One compiled variant of :func:`cache_variants`: a warm-up pass, a pass without the timer's hooks, the timed one."""
     import torch
 
     from phi4mm_lora.evaluate.generate import generate_all
 
-    runs = [measure("dynamic (baseline)", batch_size), measure("static", batch_size, cache="static")]
     counters = torch._dynamo.utils.counters
 
     def plain_pass() -> float:  # no timer hooks: what evaluate runs
         t = time.perf_counter()
         generate_all(loaded.model, loaded.processor, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     progress=False, cache="static", compile=True, encoder_batch=encoder_batch)
+                     progress=False, cache="static", compile=compile, encoder_batch=encoder_batch)
         return time.perf_counter() - t
 
+    before = counters["frames"]["ok"]
     warm_s = plain_pass()
-    frames = counters["frames"]["ok"]
+    frames = counters["frames"]["ok"] - before
     plain_s = plain_pass()
-    measure("static+compile, warm-up", batch_size, cache="static", compile=True)  # recompiles: hooks break the graph
+    measure(f"{name}, warm-up", batch_size, cache="static", compile=compile)  # recompiles: hooks break the graph
     hooked = counters["frames"]["ok"]
-    r = measure("static+compile", batch_size, cache="static", compile=True)
+    r = measure(name, batch_size, cache="static", compile=compile)
     r.update(compile_warmup_s=round(warm_s, 1), wall_s_without_timer_hooks=round(plain_s, 2),
              frames_compiled_in_warmup=frames, frames_compiled_in_timed_pass=counters["frames"]["ok"] - hooked)
-    print(f"static+compile: warm-up pass (compilation of {frames} frame(s) included) {warm_s:.1f} s; a second pass "
+    print(f"{name}: warm-up pass (compilation of {frames} frame(s) included) {warm_s:.1f} s; a second pass "
           f"{plain_s:.2f} s; the timed pass with the timer's hooks (warmed up too) compiled "
           f"{r['frames_compiled_in_timed_pass']} more")
-    return runs + [r]
+    return r
 
 
 def host_work(loaded, batch_size: int, reps: int = 30) -> dict[str, float]:
@@ -527,7 +540,7 @@ class StepTimer:
 
 
 def run(loaded, examples, batch_size: int, max_new_tokens: int, full_examples: int,
-        cache: str = "dynamic", compile: bool = False, encoder_batch: int = 1) -> dict:
+        cache: str = "dynamic", compile: bool | str = False, encoder_batch: int = 1) -> dict:
     """Generate for ``examples`` as evaluate does; wall time, throughput and its split."""
     from phi4mm_lora.evaluate.generate import batches_for, generate_all, max_tokens_for
 

@@ -15,8 +15,9 @@
 #     scorelen bench_score.py, the default path (dynamic cache, bf16), eval.max_new_tokens=63: decoding stops where a
 #              trained model would on this recording (its MDD answer is 63 tokens with <|end|>, its APA answer 21);
 #              the forced budgets of `score` (120 shared steps) are a random model's, which never stops (~40 s)
-#     scoremany bench_score.py, the default path, eval.max_new_tokens=63, then the 6 longest other bundled recordings
-#              (4.4-5.9 s) once each: every request a new audio length, as a service meets them (~60 s)
+#     scoremany bench_score.py, eval.max_new_tokens=63, the default path and eval.compile=cudagraphs (the eager kernels
+#              replayed as CUDA graphs: where its answers part, first call, warm), then per variant the 6 longest
+#              other bundled recordings (4.4-5.9 s) once each: a new audio length per request, as a service (~120 s)
 #     agree    bench_score.py in fp32, 2 calls per variant: where rounding is ~1e-6, whether the compiled
 #              path computes what the eager one does (bf16 alone cannot tell a subtle fault) (~200 s)
 #     compare  bench_eval.py --compare: unmerged vs merged, batch 1 vs 32 (~90 s)
@@ -89,8 +90,8 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
       --json $RES/score.json" ;;
   scorelen) run scorelen 150 python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic \
       --set eval.max_new_tokens=63 --json $RES/scorelen.json ;;
-  scoremany) run scoremany 180 python3 scripts/bench_score.py --model $CK --precision bf16 --variants dynamic \
-      --set eval.max_new_tokens=63 --recordings 6 --json $RES/scoremany.json ;;
+  scoremany) run scoremany 240 python3 scripts/bench_score.py --model $CK --precision bf16 \
+      --variants dynamic static+cudagraphs --set eval.max_new_tokens=63 --recordings 6 --json $RES/scoremany.json ;;
   agree) run agree 300 python3 scripts/bench_score.py --model $CK --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json $RES/agree.json ;;
   compare) run compare 150 $EVAL --limit 32 --compare --batch1-limit 2 --json $RES/compare.json ;;

@@ -11,7 +11,7 @@
 #     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
 #     scorelen bench_score.py, default path, eval.max_new_tokens=63 (`scorelen`)
-#     scoremany the same, then 6 other recordings once each (`scoremany`)
+#     scoremany the same and eval.compile=cudagraphs, then 6 other recordings once each (`scoremany`)
 #     agree    bench_score.py fp32, 2 calls, dynamic static static+compile (`agree`)
 #     cudnn    bench_score.py with model.sdpa_cudnn=true, the non-default (`cudnn`'s scoring rows)
 #     full     bench_eval.py --cache-variants at eval.batch_size=auto, bf16 (`full`, `cache`)
@@ -84,8 +84,8 @@ for s in $STEPS; do case $s in
       --text 'COW WATCH WEEK SING CLOSE TODAY HOME' "$AUDIO" ;;
   scorelen) step scorelen python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \
       --set eval.max_new_tokens=63 --json "$W/scorelen.json" ;;
-  scoremany) step scoremany python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \
-      --set eval.max_new_tokens=63 --recordings 6 --json "$W/scoremany.json" ;;
+  scoremany) step scoremany python3 scripts/bench_score.py --model "$CK" --precision bf16 \
+      --variants dynamic static+cudagraphs --set eval.max_new_tokens=63 --recordings 6 --json "$W/scoremany.json" ;;
   agree) step agree python3 scripts/bench_score.py --model "$CK" --precision fp32 --repeat 2 \
       --variants dynamic static static+compile --json "$W/agree.json" ;;
   cudnn) step cudnn python3 scripts/bench_score.py --model "$CK" --precision bf16 --variants dynamic \

@@ -119,3 +119,38 @@ def test_compiled_static_cache_gives_the_same_answers(merged_fresh_lora) -> None
     assert torch._dynamo.utils.counters["frames"]["ok"] > before, "nothing was compiled"
     assert all(g.error is None for g in compiled)
     assert [(g.text, g.n_tokens) for g in compiled] == [(g.text, g.n_tokens) for g in dynamic]
+
+
+def test_cudagraphs_compile_needs_no_cpp_compiler_and_is_checked_by_the_config(monkeypatch, tmp_path: Path) -> None:
+    """eval.compile=cudagraphs: torch's backend of that name (traced, replayed as CUDA graphs, no code
+    generation), so a machine without a C++ compiler can use it; bad values fail in the config."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    opts = cache_options("static", "cudagraphs")
+    cc = opts["compile_config"]
+    assert (cc.backend, cc.mode) == ("cudagraphs", "default") and cc._compile_all_devices
+    assert "disable_compile" not in opts
+    assert load_config(None, ["eval.cache=static", "eval.compile=cudagraphs"]).eval.compile == "cudagraphs"
+    with pytest.raises(UserError, match=r"eval\.compile: needs eval\.cache=static"):
+        load_config(None, ["eval.compile=cudagraphs"])
+    with pytest.raises(UserError, match=r"eval\.compile"):
+        load_config(None, ["eval.cache=static", "eval.compile=fast"])
+
+
+def test_cudagraphs_compile_gives_the_same_answers_and_leaves_the_encoder_eager(merged_fresh_lora) -> None:
+    """eval.compile=cudagraphs goes through torch.compile (frames traced) with the eager kernels, so
+    the answers are the dynamic cache's; the audio encoder's blocks stay uncompiled (a graph per
+    recording length would pile up). On a CPU torch replays no graph and runs the traced step."""
+    from phi4mm_lora.model.blocks import conformer_blocks, is_compiled
+
+    loaded, picked = merged_fresh_lora
+    exs = [e for e in picked if e.task == "mdd"][:2]
+    kw = {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    dynamic = generate_all(loaded.model, loaded.processor, exs, **kw)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["frames"]["ok"]
+    traced = generate_all(loaded.model, loaded.processor, exs, cache="static", compile="cudagraphs", **kw)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > before, "nothing was traced"
+    assert not any(is_compiled(b) for b in conformer_blocks(loaded.model))
+    assert all(g.error is None for g in traced)
+    assert [(g.text, g.n_tokens) for g in traced] == [(g.text, g.n_tokens) for g in dynamic]

@@ -402,17 +402,19 @@ class EvalConfig(_Section):
         "static is allocated once at its longest, the precondition of eval.compile. Same answers either way; "
         "static alone was 0.9x the step time at batch 32 on CPU and 1.74x on an H200 (docs/benchmarks.md).",
     )
-    compile: bool = Field(
+    compile: bool | Literal["inductor", "cudagraphs"] = Field(
         False,
-        description="torch.compile the decoding step (transformers' generate compile path; needs eval.cache=static) "
-        "and the audio encoder's conformer blocks, one by one. The first batches pay the compilation (15-36 s for "
-        "the tiny model on a CPU core, ~50 s for the full model on an H200); then an H200 decoded a batch-32 step "
-        "in 7.6 ms instead of 28.4 ms.",
+        description="torch.compile the decoding step (transformers' generate compile path; needs eval.cache=static). "
+        "true (= inductor): also the audio encoder's conformer blocks, one by one; the first batches pay the "
+        "compilation (15-36 s for the tiny model on a CPU core, ~50 s for the full model on an H200), then an H200 "
+        "decoded a batch-32 step in 7.6 ms instead of 28.4 ms. cudagraphs: the decoding step is only traced and "
+        "replayed as CUDA graphs, with the eager kernels (so the eager answers) and no C++ compiler; on a CPU it "
+        "runs the traced step without graphs. Its GPU speed is unmeasured.",
     )
 
     @field_validator("compile")
     @classmethod
-    def _compile_needs_static(cls, v: bool, info: Any) -> bool:
+    def _compile_needs_static(cls, v: bool | str, info: Any) -> bool | str:
         if v and info.data.get("cache", "static") != "static":
             raise ValueError("needs eval.cache=static (generate compiles only a fixed-shape cache)")
         return v

@@ -25,9 +25,10 @@ Why it is shaped like this:
   is retried in halves.
 * ``eval.cache`` / ``eval.compile`` choose transformers' own KV cache and compile path
   (:func:`cache_options`); the answers are the same token ids with either cache (tested on the
-  tiny model, batched and one at a time). ``eval.compile`` also compiles the audio encoder's
+  tiny model, batched and one at a time). ``eval.compile=true`` also compiles the audio encoder's
   conformer blocks one by one (:mod:`phi4mm_lora.model.blocks`): at the published depth they
-  issue half of a recording's preparation operators.
+  issue half of a recording's preparation operators. ``eval.compile=cudagraphs`` only replays the
+  decoding step's eager kernels as CUDA graphs: no code generation, a short first call.
 """
 
 from __future__ import annotations
@@ -97,15 +98,29 @@ def static_cache_length(length: int) -> int:
     return -(-length // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
 
 
-def cache_options(cache: str = "dynamic", compile: bool = False, length: int | None = None) -> dict[str, Any]:
+def compile_backend(compile: bool | str) -> str | None:
+    """The ``torch.compile`` backend ``eval.compile`` names: None (false), ``inductor`` (true) or ``cudagraphs``."""
+    if compile is True or compile == "inductor":
+        return "inductor"
+    if compile == "cudagraphs":
+        return "cudagraphs"
+    if compile is False or compile is None:
+        return None
+    raise ValueError(f"unknown eval.compile {compile!r}: false, true (inductor) or cudagraphs")
+
+
+def cache_options(cache: str = "dynamic", compile: bool | str = False, length: int | None = None) -> dict[str, Any]:
     """``generate`` keyword arguments for ``eval.cache`` / ``eval.compile``.
 
     dynamic: transformers' default ``DynamicCache`` (nothing to pass). static: a ``StaticCache``
     (``cache_implementation="static"``) of ``length`` (prompt + budget) rounded up to
     :data:`STATIC_CACHE_ROUND`. transformers compiles the decoding step by itself whenever the
     cache is static and the device is a GPU, so a static cache without ``compile`` passes
-    ``disable_compile``; with ``compile`` it passes a ``CompileConfig`` (transformers' defaults:
-    inductor, ``reduce-overhead`` i.e. CUDA graphs on a GPU) marked to compile on a CPU too.
+    ``disable_compile``; with ``compile`` it passes a ``CompileConfig`` marked to compile on a CPU
+    too: transformers' defaults (inductor, ``reduce-overhead`` i.e. CUDA graphs on a GPU), or for
+    ``cudagraphs`` torch's backend of that name, which traces the step and replays its eager
+    kernels as CUDA graphs (no code generation, hence no C++ compiler; on a CPU it replays nothing
+    and runs the traced step).
     """
     if cache == "dynamic":
         if compile:
@@ -118,11 +133,12 @@ def cache_options(cache: str = "dynamic", compile: bool = False, length: int | N
     opts: dict[str, Any] = {"cache_implementation": "static"}
     if length is not None and hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5
         opts["max_cache_len"] = static_cache_length(length)
-    if compile:
-        if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
-            raise UserError("eval.compile=true needs a C++ compiler for torch.compile (inductor), and none is on "
-                            "PATH; install one (e.g. apt-get install g++) or set eval.compile=false")
-        cc = CompileConfig()
+    backend = compile_backend(compile)
+    if backend == "inductor" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
+        raise UserError("eval.compile=true needs a C++ compiler for torch.compile (inductor), and none is on "
+                        "PATH; install one (e.g. apt-get install g++), or set eval.compile=cudagraphs or false")
+    if backend is not None:
+        cc = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode="default")
         cc._compile_all_devices = True  # transformers' own switch for compiling off-GPU (the CPU tests, the bench)
         opts["compile_config"] = cc
     else:
@@ -145,7 +161,7 @@ def greedy_ids(
     max_new_tokens: int,
     audio: dict[str, np.ndarray] | None = None,
     cache: str = "dynamic",
-    compile: bool = False,
+    compile: bool | str = False,
     rows: AudioRows | None = None,
     logits: bool = False,
 ) -> tuple[list[list[int]], tuple[torch.Tensor, ...] | None]:
@@ -246,7 +262,7 @@ def generate_all(
     on_batch: Callable[[list[Generation]], None] | None = None,
     audio: dict[str, np.ndarray] | None = None,
     cache: str = "dynamic",
-    compile: bool = False,
+    compile: bool | str = False,
     encoder_batch: int = 1,
 ) -> list[Generation]:
     """One :class:`Generation` per example, in input order; failures carry ``error``.
@@ -254,12 +270,12 @@ def generate_all(
     ``max_new_tokens`` caps the per-task budgets of :data:`TASK_MAX_NEW_TOKENS`. ``audio``
     holds already decoded 16 kHz samples by example id (the server decodes uploads in
     memory); other examples are read from their ``audio_path``. ``cache``/``compile``:
-    ``eval.cache``/``eval.compile`` (:func:`cache_options`); ``compile`` also compiles the audio
-    encoder's conformer blocks, which run once per recording outside the decoding step;
+    ``eval.cache``/``eval.compile`` (:func:`cache_options`); ``compile=True`` (inductor) also compiles
+    the audio encoder's conformer blocks, which run once per recording outside the decoding step;
     ``encoder_batch``: ``eval.encoder_batch``, recordings per audio-encoder call (:class:`AudioRows`).
     """
     cache_options(cache, compile)  # a bad combination fails here, before any work
-    if compile:
+    if compile_backend(compile) == "inductor":  # cudagraphs: a graph per recording length would pile up
         compile_each(conformer_blocks(model))
     decoded = audio or {}
     if batch_size < 1:
@@ -295,7 +311,7 @@ def generate_all(
 
 
 def _run_batch(model: torch.nn.Module, processor: Any, batch: list[Example], cap: int,
-               audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool = False,
+               audio: dict[str, np.ndarray], cache: str = "dynamic", compile: bool | str = False,
                rows: AudioRows | None = None) -> list[Generation]:
     """The batch at once; if the model fails on it, each example alone (culprits marked). A batch
     that runs out of GPU memory is split in halves instead: its rows were fine, the batch too big."""
