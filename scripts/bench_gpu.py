@@ -51,12 +51,13 @@ from phi4mm_lora.config import load_config
 from phi4mm_lora.evaluate.run import make_epoch_evaluator
 from phi4mm_lora.train.finetune import train
 cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+torch.backends.cudnn.enabled = sys.argv[3] == "on"  # --no-cudnn: native convolutions, no per-shape cuDNN plans
 if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
 evaluate_fn = make_epoch_evaluator(cfg) if cfg.eval.during_training else None  # as the train command does
 result = train(cfg, evaluate_fn=evaluate_fn, progress=False, log=lambda m: None)
-out = {"summary": result.summary, "wall_s": time.perf_counter() - t0}
+out = {"summary": result.summary, "wall_s": time.perf_counter() - t0, "cudnn": torch.backends.cudnn.enabled}
 if torch.cuda.is_available():
     out["peak_alloc"] = torch.cuda.max_memory_allocated()
     out["peak_reserved"] = torch.cuda.max_memory_reserved()
@@ -98,7 +99,7 @@ def steady_state(rows: list[dict], batch: int, warmup: int) -> dict:
 
 
 def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, device: str, out: Path,
-            extra: list[str] = (), accum: int = 1) -> dict:
+            extra: list[str] = (), accum: int = 1, cudnn: bool = True) -> dict:
     from phi4mm_lora.data.examples import bundled_corpus_path
 
     run_dir = out / f"{plan}-b{batch}-gc-{gc}"
@@ -109,7 +110,7 @@ def run_row(model_path: str | None, plan: str, batch: int, gc: str, steps: int, 
                  "train.num_workers=2"]
     overrides.append(f"model.path={model_path}" if model_path else "model.path=null")
     overrides += list(extra)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(CONFIG), json.dumps(overrides)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(CONFIG), json.dumps(overrides), "on" if cudnn else "off"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines() or ["?"]
@@ -133,7 +134,7 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
     peak = args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops()
     results = []
     for plan, batch, gc in args.rows:
-        r = run_row(model_path, plan, batch, gc, args.steps, device, out, args.extra, args.accum)
+        r = run_row(model_path, plan, batch, gc, args.steps, device, out, args.extra, args.accum, args.cudnn)
         row = {"plan": plan, "batch": batch, "grad_ckpt": gc}
         if "error" in r:
             row["error"] = r["error"]
@@ -144,7 +145,7 @@ def measure(args: argparse.Namespace, model_path: str | None, device: str, out: 
             row.update(st, flops_per_token=fpt, mfu=fpt * st["tokens_per_s"] / peak if peak else None,
                        peak_alloc_gb=r.get("peak_alloc", 0) / 1e9 or None,
                        peak_reserved_gb=r.get("peak_reserved", 0) / 1e9 or None,
-                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"],
+                       trainable_params=r["summary"]["trainable_params"], wall_s=r["wall_s"], cudnn=r["cudnn"],
                        memory_plan=r["summary"].get("memory_plan"))
             if r["summary"].get("eval_s"):  # --set eval.during_training=true (issue 11: at most 10% of an epoch)
                 row.update(eval_s=r["summary"]["eval_s"],
@@ -244,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady state")
     p.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: known from the GPU name)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-gpu"), help="folder for bench.json and bench.md")
+    p.add_argument("--no-cudnn", dest="cudnn", action="store_false",
+                   help="torch.backends.cudnn.enabled=False in every row: the audio encoder's ~100 convolutions a step "
+                        "run PyTorch's native kernels, so a step builds no cuDNN plan for a new audio length (a "
+                        "diagnostic for the fixed cost of a step)")
     p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, fp32, 2 short rows: checks the harness")
     args = p.parse_args(argv)
 
@@ -279,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(rows: list[dict]) -> None:  # after every row: a run cut short by a time limit keeps what finished
         report = {"machine": machine(), "checkpoint": args.checkpoint or ("tiny" if args.dry_run else "random full-size"),
-                  "overrides": args.extra, "grad_accum": args.accum, "steps": args.steps, "warmup": args.warmup,
+                  "overrides": args.extra, "cudnn": args.cudnn, "grad_accum": args.accum, "steps": args.steps, "warmup": args.warmup,
                   "checkpoint_write_s": write_s, "total_s": time.perf_counter() - t0,
                   "rows_planned": len(args.rows), "rows": rows}
         (args.out / "bench.json").write_text(json.dumps(report, indent=1))
         extra = f" Overrides: {' '.join(args.extra)}." if args.extra else ""
+        extra += "" if args.cudnn else " cuDNN disabled (torch.backends.cudnn.enabled=False)."
         extra += f" grad_accum {args.accum}: a step is {args.accum} batches." if args.accum > 1 else ""
         md = f"Machine: {report['machine']}. {args.steps} steps per row, first {args.warmup} excluded.{extra}\n\n{HEADER}\n"
         (args.out / "bench.md").write_text(md + "\n".join(table_line(r) for r in rows) + "\n")

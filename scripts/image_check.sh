@@ -7,6 +7,7 @@
 #     dry      bench_gpu.py --dry-run (the harness of train and cudnn's training rows)
 #     compile  the same with train.compile=true (`compile`)
 #     pool     the same with grad_accum 2 pooled into one pass (`pool`)
+#     convs    the same with --no-cudnn (`convs`)
 #     evaltrain the same with the paper config's evaluation during training (`evaltrain`)
 #     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
@@ -37,7 +38,7 @@ py312() {  # the first that runs: $PY312, python3.12 on PATH, pyenv's 3.12 (its 
 }
 PY312=$(py312)
 W=${W:-/tmp/phi4mm-image-run}
-STEPS=${*:-dry compile pool evaltrain eval score scorelen scoremany agree cudnn full full32 encoder compare parts attention train}
+STEPS=${*:-dry compile pool convs evaltrain eval score scorelen scoremany agree cudnn full full32 encoder compare parts attention train}
 if [ ! -d .whl ]; then  # the wheels gpu_lease.sh carries, for the image's Python 3.12 on x86-64 Linux
   echo "downloading the lease's wheels (scripts/lease-wheels.txt) into .whl/"
   PIP_CONFIG_FILE=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -77,6 +78,7 @@ for s in $STEPS; do case $s in
   dry) step dry python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu" ;;
   compile) step compile python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-compile" --set train.compile=true ;;
   pool) step pool python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-pool" --accum 2 --set train.micro_batch=4 ;;
+  convs) step convs python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-convs" --no-cudnn ;;
   evaltrain) step evaltrain python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-eval" \
       --set eval.during_training=true --set eval.every_steps=2 ;;
   eval) step eval $EVAL --precision bf16 --batch-size 32 --limit 8 --profile --json "$W/eval.json" ;;

@@ -88,7 +88,7 @@ def test_lease_script_parses_and_runs_exactly_the_steps_it_documents():
     dispatched = set(re.findall(r"^  (\w+)\) ", text, flags=re.M))
     assert documented == dispatched == {"ckpt", "train", "compile", "parts", "eval", "score", "compare", "cache", "attention",
                                         "auto", "evaltrain", "pool", "cudnn", "encoder", "full", "agree",
-                                        "scorelen", "scoremany"}
+                                        "scorelen", "scoremany", "convs"}
     # what comes back from the GPU machine is capped (8 files, 16 MiB each): only small files are packed
     assert "-size -2M" in text and "res.tgz" in text
 
@@ -130,14 +130,13 @@ def test_the_lease_wheels_are_pinned_inside_the_tested_ranges() -> None:
         assert pins[pkg][2:] in SpecifierSet(SUPPORTED[pkg]), (pkg, pins[pkg])
 
 
-def test_a_run_cut_short_keeps_the_rows_that_finished(tmp_path):
-    """On a lent GPU a step's time limit kills bench_gpu.py mid-row (the fourth lease lost its
-    compiled rows' JSON that way): bench.json and bench.md are rewritten after every row."""
+def first_row_only(tmp_path, *args: str) -> dict:
+    """``bench_gpu.py --dry-run ARGS``, killed once its first row is written: bench.json."""
     import signal
 
     out = tmp_path / "bench"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--dry-run", "--out", str(out),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:  # the first row's table line is printed after its files are written
             if line.startswith("| fp32 |"):
@@ -145,6 +144,21 @@ def test_a_run_cut_short_keeps_the_rows_that_finished(tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    report = json.loads((out / "bench.json").read_text())
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_no_cudnn_turns_cudnn_off_in_the_rows_process(tmp_path):
+    """--no-cudnn (the lease's diagnostic for a step's fixed cost): the row's own process runs with
+    torch.backends.cudnn.enabled False, and the report says so."""
+    report = first_row_only(tmp_path, "--no-cudnn")
+    assert report["cudnn"] is False and report["rows"][0]["cudnn"] is False
+    assert "cuDNN disabled" in (tmp_path / "bench" / "bench.md").read_text()
+
+
+def test_a_run_cut_short_keeps_the_rows_that_finished(tmp_path):
+    """On a lent GPU a step's time limit kills bench_gpu.py mid-row (the fourth lease lost its
+    compiled rows' JSON that way): bench.json and bench.md are rewritten after every row."""
+    report = first_row_only(tmp_path)
     assert report["rows_planned"] == 2 and [r["batch"] for r in report["rows"]] == [2]
-    assert (out / "bench.md").read_text().count("| fp32 |") == 1
+    assert report["cudnn"] is True and report["rows"][0]["cudnn"] is True
+    assert (tmp_path / "bench" / "bench.md").read_text().count("| fp32 |") == 1
