@@ -27,8 +27,9 @@
 #              timed steps: its seconds and share of an epoch (issue 11: at most 10%) (~90 s)
 #     pool     bench_gpu.py, bf16, 8 x grad_accum 8 (the paper's step): micro-batch 8 (8 passes), then the step
 #              pooled into passes of 16 (none) and 64 (full checkpointing) (~150 s)
-#     convs    bench_gpu.py, bf16 without checkpointing, batch 8 then batch 1, cuDNN on, then the same with --no-cudnn:
-#              whether the audio encoder's per-shape cuDNN convolution plans are the fixed cost of a step (~200 s)
+#     convs    bench_gpu.py, bf16 without checkpointing, batch 8 then batch 1: cuDNN on, then --no-cudnn, then cuDNN on
+#              with train.pad_audio_to_multiple_of=80: whether the audio encoder's per-shape cuDNN convolution plans
+#              are the fixed cost of a step, and whether fewer audio shapes remove it (~300 s)
 #     auto     bench_eval.py on train + test (~150 utterances x 2 tasks), batch 32 then eval.batch_size=auto,
 #              the same examples: fewer, larger batches on a host-bound step (~150 s)
 #     cudnn    model.sdpa_cudnn=true, then false (PyTorch's cuDNN attention builds plans per new shape): per
@@ -105,8 +106,9 @@ t = time.time(); write_full_size(Path('$CK')); print(f'wrote a random full-size 
   pool) run pool 240 bash -c "for m in 8:none 16:none 64:full; do python3 scripts/bench_gpu.py --checkpoint $CK \
       --accum 8 --steps 3 --warmup 1 --out $RES/bench-gpu-pool-\${m%%:*} --rows bf16:8:\${m##*:} \
       --set train.micro_batch=\${m%%:*}; done" ;;
-  convs) run convs 240 bash -c "for c in cudnn no-cudnn; do python3 scripts/bench_gpu.py --checkpoint $CK --steps 10 \
-      --warmup 3 --out $RES/convs-\$c --rows bf16:8:none,bf16:1:none \$([ \$c = no-cudnn ] && echo --no-cudnn); done" ;;
+  convs) run convs 330 bash -c "for c in cudnn no-cudnn pad80; do python3 scripts/bench_gpu.py --checkpoint $CK \
+      --steps 10 --warmup 3 --out $RES/convs-\$c --rows bf16:8:none,bf16:1:none \$([ \$c = no-cudnn ] && echo --no-cudnn) \
+      \$([ \$c = pad80 ] && echo --set train.pad_audio_to_multiple_of=80); done" ;;
   auto) run auto 240 bash -c "python3 scripts/bench_eval.py --model $CK --precision bf16 --splits train test \
       --batch-size 32 --json $RES/auto-b32.json && python3 scripts/bench_eval.py --model $CK --precision bf16 \
       --splits train test --batch-size auto --json $RES/auto.json" ;;

@@ -7,7 +7,7 @@
 #     dry      bench_gpu.py --dry-run (the harness of train and cudnn's training rows)
 #     compile  the same with train.compile=true (`compile`)
 #     pool     the same with grad_accum 2 pooled into one pass (`pool`)
-#     convs    the same with --no-cudnn (`convs`)
+#     convs    the same with --no-cudnn and train.pad_audio_to_multiple_of=80 (`convs`)
 #     evaltrain the same with the paper config's evaluation during training (`evaltrain`)
 #     eval     bench_eval.py --profile (`eval`)
 #     score    `phi4mm-lora score` on one bundled recording, both tasks, bf16 (the lease's `score`)
@@ -78,7 +78,8 @@ for s in $STEPS; do case $s in
   dry) step dry python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu" ;;
   compile) step compile python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-compile" --set train.compile=true ;;
   pool) step pool python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-pool" --accum 2 --set train.micro_batch=4 ;;
-  convs) step convs python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-convs" --no-cudnn ;;
+  convs) step convs python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-convs" --no-cudnn \
+      --set train.pad_audio_to_multiple_of=80 ;;
   evaltrain) step evaltrain python3 scripts/bench_gpu.py --dry-run --out "$W/bench-gpu-eval" \
       --set eval.during_training=true --set eval.every_steps=2 ;;
   eval) step eval $EVAL --precision bf16 --batch-size 32 --limit 8 --profile --json "$W/eval.json" ;;

@@ -131,3 +131,32 @@ def test_padding_to_a_multiple_changes_the_shape_not_the_loss(loaded, side):
         (s1, n1), (s2, n2) = answer_loss_sum(model, tight), answer_loss_sum(model, padded)
     assert n1 == n2 > 0
     assert abs(float(s1) - float(s2)) <= 1e-5 * abs(float(s1))
+
+
+def test_audio_padded_to_a_multiple_changes_the_encoder_shape_not_the_loss(loaded):
+    """train.pad_audio_to_multiple_of: each batch's feature frames rounded up (fewer distinct
+    shapes for the audio encoder's convolutions, whose cuDNN plans are built per shape), the extra
+    frames masked; the audio tokens per recording, hence the text, are unchanged.
+
+    The loss moves by a few 1e-5 of itself in fp32, more than rounding: the encoder normalises the
+    zero padding frames (mean and variance) before its first, non-causal subsampling convolution,
+    whose last valid outputs then see those frames instead of the convolution's own zero padding.
+    Every shorter recording of a batch already meets exactly this; the option gives it to the
+    longest one too."""
+    cfg, lm = loaded
+    exs, _ = build_examples(cfg.data.model_copy(update={"limit": 3}), cfg.prompts, "train",
+                            audio_token=lm.processor.audio_token)
+    model = lm.model.eval()
+    for batch in (exs[:1], exs[:5]):
+        tight = Collator(lm.processor)(batch)
+        padded = Collator(lm.processor, audio_frames_multiple=80)(batch)
+        frames = tight["audio_input_features"].shape[1]
+        assert frames % 80 != 0, "pick recordings whose length is not already a multiple"
+        assert padded["audio_input_features"].shape[1] == -(-frames // 80) * 80
+        real = tight["audio_attention_mask"].sum(1) if len(batch) > 1 else torch.tensor([frames])
+        assert torch.equal(padded["audio_attention_mask"].sum(1), real)  # the extra frames are masked
+        assert torch.equal(padded["input_ids"], tight["input_ids"])
+        with torch.no_grad():
+            (s1, n1), (s2, n2) = answer_loss_sum(model, tight), answer_loss_sum(model, padded)
+        assert n1 == n2 > 0
+        assert abs(float(s1) - float(s2)) <= 1e-4 * abs(float(s1))

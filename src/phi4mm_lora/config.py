@@ -283,6 +283,15 @@ class TrainConfig(_Section):
         "masked). Fewer distinct shapes: kernels that plan or compile per shape (cuDNN attention, "
         "torch.compile) meet each length once, at the cost of at most N-1 padded positions a row. 1: off.",
     )
+    pad_audio_to_multiple_of: int = Field(
+        1,
+        ge=1,
+        description="Pad each batch's audio features up to a multiple of N frames of 10 ms (masked; the audio "
+        "tokens and the text are unchanged). Fewer distinct shapes for the audio encoder's ~100 convolutions a "
+        "step, whose cuDNN plans are built per shape. The loss moves by ~1e-5 of itself: the longest recording "
+        "then meets the padding every shorter one of a batch already meets. 80 (0.8 s): about 7 shapes for "
+        "1-6 s clips. 1: off.",
+    )
 
     # field validators (not one model validator) so these are reported together with any
     # other problem in the section, e.g. an unknown key

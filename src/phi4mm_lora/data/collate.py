@@ -77,6 +77,7 @@ class Collator:
     padding_side: str = "right"
     feature_cache: Any = None
     pad_to_multiple_of: int = 1  # train.pad_to_multiple_of: the token length rounded up, padding masked
+    audio_frames_multiple: int = 1  # train.pad_audio_to_multiple_of: the feature frames rounded up, padding masked
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -136,7 +137,8 @@ class Collator:
             texts[i] = texts[i].replace(audio_token, audio_token * entry.audio_embed_size, 1)
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=self.padding_side,
                                   pad_to_multiple_of=self.pad_to_multiple_of, add_special_tokens=False))
-        longest = max(len(e.features) for e in entries)
+        m = self.audio_frames_multiple
+        longest = -(-max(len(e.features) for e in entries) // m) * m
         feats = torch.zeros(len(entries), longest, entries[0].features.shape[1])
         mask = torch.zeros(len(entries), longest, dtype=torch.bool)
         for i, e in enumerate(entries):
@@ -144,7 +146,7 @@ class Collator:
             mask[i, : len(e.features)] = True
         out["audio_input_features"] = feats
         out["audio_embed_sizes"] = torch.tensor([e.audio_embed_size for e in entries])
-        if len(entries) > 1:
+        if len(entries) > 1 or not mask.all():
             out["audio_attention_mask"] = mask
         return out
 

@@ -383,7 +383,8 @@ class FinetuneRecipe:
 
             cache = FeatureCache(cfg.data.feature_cache, self.processor.audio_processor)
         self.collator = Collator(self.processor, padding_side=tc.padding_side, feature_cache=cache,
-                                 pad_to_multiple_of=tc.pad_to_multiple_of)
+                                 pad_to_multiple_of=tc.pad_to_multiple_of,
+                                 audio_frames_multiple=tc.pad_audio_to_multiple_of)
         self.lengths = [estimate_length(ex) for ex in self.examples]
         n_batches = math.ceil(len(self.examples) / tc.batch_size)
         self.spe = steps_per_epoch(n_batches, self.world, tc.grad_accum)

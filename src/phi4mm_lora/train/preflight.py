@@ -29,11 +29,13 @@ from phi4mm_lora.train.runlock import owner_of
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: Settings a resume may change freely: they change neither the numbers nor the data order
-#: (train.micro_batch and train.pad_to_multiple_of only the draws of dropout masks; auto may
-#: resolve differently on another GPU).
+#: (train.micro_batch and train.pad_to_multiple_of only the draws of dropout masks, and
+#: train.pad_audio_to_multiple_of the longest recording's padding; auto may resolve differently on
+#: another GPU).
 FREE_ON_RESUME = ("output_dir", "model.device", "model.attn_implementation", "model.sdpa_cudnn",
                   "train.log_every_steps", "train.save_every_steps", "train.keep_checkpoints", "train.num_workers",
-                  "train.gradient_checkpointing", "train.micro_batch", "train.pad_to_multiple_of", "data.strict",
+                  "train.gradient_checkpointing", "train.micro_batch", "train.pad_to_multiple_of",
+                  "train.pad_audio_to_multiple_of", "data.strict",
                   "data.feature_cache", "data.eval_split", "eval.")
 #: Settings that give the trained tensors other shapes or meaning: a checkpoint cannot continue them.
 STRUCTURE = ("model.path", "model.revision", "adapter.mode", "adapter.base", "adapter.name", "adapter.r",
