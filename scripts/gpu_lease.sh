@@ -42,7 +42,7 @@
 #              eval.batch_size=auto: full batches, dynamic vs static vs static+compile (~300 s: compiles)
 #
 # The limits add up to more than one 15-minute lease: pick by issue (docs/benchmarks.md, "The next lease"), e.g.
-# `ckpt full agree`, then `cudnn`.
+# `ckpt scoremany full`, then `convs parts pool`.
 # Needs: the project's missing packages as wheels in .whl/ (scripts/lease-wheels.txt; scripts/image_check.sh downloads
 # them and runs these commands on the image's libraries on a CPU first; carry .whl).
 # Results: small files only (logs, JSON, markdown) in $OUT/res.tgz, re-packed after every step, so
