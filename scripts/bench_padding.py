@@ -11,8 +11,10 @@ epochs, the positions the model computes (batch x longest row) against the real 
 (``train.group_by_length=false``), computed in the same run.
 
 It also counts the distinct input shapes the grouped batches give the decoder and the audio
-encoder, for each ``train.pad_to_multiple_of`` in ``--multiples``: on a GPU each new shape costs
-a cuDNN plan, and the lease's ``cudnn`` step times ``train.pad_to_multiple_of=64``.
+encoder, for each ``train.pad_to_multiple_of`` in ``--multiples`` and each
+``train.pad_audio_to_multiple_of`` in ``--audio-multiples``: on a GPU each new shape costs a cuDNN
+plan; the lease's ``cudnn`` step timed ``train.pad_to_multiple_of=64``, its ``convs`` step times
+``train.pad_audio_to_multiple_of=80``.
 
 Token counts come from the model's tokenizer, so use the real checkpoint (``model.path``) for
 the real figure: the tiny model's tokenizer splits text differently, while the audio tokens
@@ -69,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--multiples", type=int, nargs="+", default=[1, 64], metavar="N",
                     help="train.pad_to_multiple_of values to count shapes for, grouped batches (default: 1 64)")
+    ap.add_argument("--audio-multiples", type=int, nargs="+", default=[80], metavar="N",
+                    help="train.pad_audio_to_multiple_of values to count shapes for, the token length unrounded "
+                         "(default: 80)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-padding-") as tmp:
         recipe = build([*PAPER, *args.overrides], Path(tmp) / "run")
         res = {g: padding(recipe, g, args.epochs) for g in (False, True)}
         rounded = {}
-        for m in args.multiples:
-            recipe.collator.pad_to_multiple_of = m
-            rounded[m] = padding(recipe, True, args.epochs)
+        for m, a in [(m, 1) for m in args.multiples] + [(1, a) for a in args.audio_multiples if a != 1]:
+            recipe.collator.pad_to_multiple_of, recipe.collator.audio_frames_multiple = m, a
+            rounded[m, a] = padding(recipe, True, args.epochs)
     base = res[False]
     steps = args.epochs * -(-len(recipe.examples) // recipe.tc.batch_size)
     print(f"{len(recipe.examples)} training examples, batch {recipe.tc.batch_size}, {args.epochs} epochs, {steps} batches")
@@ -87,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {r['computed']:,} | {r['real']:,} | {r['padding_share']:.1%} | "
               f"{r['computed'] / base['computed']:.2f} |")
     print(f"\ndistinct input shapes over the {steps} grouped batches (each new one is a new cuDNN plan on a GPU):")
-    print("| token length rounded to | decoder shapes | of them new after epoch 1 | audio encoder shapes | "
-          "of them new after epoch 1 | padding share |")
-    print("|---|---|---|---|---|---|")
-    for m, r in rounded.items():
-        print(f"| {m} | {r['decoder_shapes']} | {r['decoder_shapes_new_after_epoch_1']} | {r['audio_shapes']} | "
+    print("| token length rounded to | audio frames rounded to | decoder shapes | of them new after epoch 1 | "
+          "audio encoder shapes | of them new after epoch 1 | padding share |")
+    print("|---|---|---|---|---|---|---|")
+    for (m, a), r in rounded.items():
+        print(f"| {m} | {a} | {r['decoder_shapes']} | {r['decoder_shapes_new_after_epoch_1']} | {r['audio_shapes']} | "
               f"{r['audio_shapes_new_after_epoch_1']} | {r['padding_share']:.1%} |")
     return 0
 

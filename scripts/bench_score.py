@@ -82,9 +82,10 @@ def time_variant(cfg, loaded, item, repeat: int) -> tuple[list[float], list[dict
     return seconds, results
 
 
-def other_recordings(n: int, skip: str) -> list:
+def other_recordings(n: int, skip: str) -> list[tuple]:
     """The ``n`` longest bundled test recordings other than ``skip`` (4.4-5.9 s for 6), longest first, each a
-    :class:`ScoreItem` with its sentence: each a new audio length for the process, as a service's requests are."""
+    (:class:`ScoreItem` with its sentence, seconds): each a new audio length for the process, as a service's
+    requests are."""
     from phi4mm_lora.data.audio import probe_audio
     from phi4mm_lora.data.examples import bundled_corpus_path
     from phi4mm_lora.data.speechocean import read_release
@@ -94,18 +95,16 @@ def other_recordings(n: int, skip: str) -> list:
             if u.split == "test" and u.audio_path and os.path.abspath(u.audio_path) != os.path.abspath(skip)]
     if len(utts) < n:
         raise SystemExit(f"--recordings {n}: the bundled test split has {len(utts)} other recordings")
-    utts.sort(key=lambda u: (-probe_audio(u.audio_path, full=False).duration, u.utt_id))
-    return [ScoreItem(u.audio_path, u.text) for u in utts[:n]]
+    timed = sorted(((probe_audio(u.audio_path, full=False).duration, u) for u in utts), key=lambda t: (-t[0], t[1].utt_id))
+    return [(ScoreItem(u.audio_path, u.text), duration) for duration, u in timed[:n]]
 
 
-def time_recordings(cfg, loaded, items: list) -> list[dict]:
-    """One call per recording, the model already warm: each call's seconds and the recording's length."""
-    from phi4mm_lora.data.audio import probe_audio
-
+def time_recordings(cfg, loaded, items: list[tuple]) -> list[dict]:
+    """One call per (recording, seconds) of :func:`other_recordings`, the model already warm: each call's seconds."""
     rows = []
-    for it in items:
+    for it, duration in items:
         (seconds,), results = time_variant(cfg, loaded, it, 1)
-        rows.append({"audio": os.path.basename(it.audio), "duration_s": round(probe_audio(it.audio).duration, 2),
+        rows.append({"audio": os.path.basename(it.audio), "duration_s": round(duration, 2),
                      "seconds": round(seconds, 3), "error": results[0].get("error")})
     return rows
 

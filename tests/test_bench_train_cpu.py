@@ -104,6 +104,11 @@ def test_padding_share_counts_the_recipes_own_batches(tmp_path, tiny_native):
     assert rounded["decoder_shapes"] < exact["decoder_shapes"] and rounded["audio_shapes"] == exact["audio_shapes"]
     assert rounded["real"] == exact["real"] and rounded["computed"] > exact["computed"]
     assert exact["decoder_shapes_new_after_epoch_1"] <= exact["decoder_shapes"]
+    # rounding the audio frames to 80 (train.pad_audio_to_multiple_of) leaves fewer encoder shapes
+    recipe.collator.pad_to_multiple_of, recipe.collator.audio_frames_multiple = 1, 80
+    audio = padding(recipe, True, 2)
+    assert audio["audio_shapes"] < exact["audio_shapes"] and audio["decoder_shapes"] == exact["decoder_shapes"]
+    assert audio["real"] == exact["real"] and audio["computed"] == exact["computed"]
 
 
 def test_profile_prints_a_batch_8_and_a_batch_1_step(tiny_native):
